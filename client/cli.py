@@ -1,2 +1,119 @@
-def main():
-    print("moed")
+"""The `moed` command line.
+
+Verbs that run the engine in this process (make-model, generate, bench) import the MLX side
+lazily, so the client-side verbs stay light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cache_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--cache-fraction", type=float, help="share of each layer's experts kept in RAM (0-1]")
+    g.add_argument("--cache-gb", type=float, help="expert cache budget in GB")
+    p.add_argument("--workers", type=int, default=2, help="I/O worker processes (default 2)")
+    p.add_argument("--dtype", choices=["float32"], help="cast bf16/fp16 weights and scales to float32")
+
+
+def cmd_make_model(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moed.daemon.synthetic import make_model
+
+    if a.skip_existing and (Path(a.dir) / "config.json").exists():
+        print(f"{a.dir} exists, kept")
+        return 0
+    s = make_model(a.dir, a.arch, a.preset, size_gb=a.size_gb, dtype=a.dtype, seed=a.seed)
+    print(f"wrote {s['path']}: {s['arch']} {s['preset']}, {s['total_bytes'] / 1e6:.1f} MB "
+          f"({s['expert_bytes'] / 1e6:.1f} MB experts) in {s['shards']} shards")
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from moed.daemon.generate import SamplingParams, encode_prompt, peak_rss_bytes, run
+    from moed.daemon.model import load_paged
+
+    with load_paged(a.model, cache_fraction=a.cache_fraction, cache_gb=a.cache_gb,
+                    workers=a.workers, dtype=a.dtype) as pm:
+        prompt = encode_prompt(pm.tokenizer, a.prompt, chat=a.chat)
+        params = SamplingParams(max_tokens=a.max_tokens, temp=a.temp, seed=a.seed)
+        echo = None if a.json else (lambda t: print(t, end="", flush=True))
+        res = run(pm.model, pm.tokenizer, prompt, params, on_text=echo)
+        st = pm.store.stats
+        out = {**res.as_dict(), "hit_rate": st.hit_rate, "bytes_read": st.bytes_read,
+               "peak_rss_bytes": peak_rss_bytes(), "cache_bytes": pm.info["cache_bytes"],
+               "non_expert_bytes": pm.non_expert_bytes, "expert_bytes": pm.expert_bytes,
+               "slots_per_layer": pm.info["slots_per_layer"], "workers": a.workers,
+               "worker_pids": pm.fetcher.pids}
+    if a.json:
+        print(json.dumps(out))
+    else:
+        print(f"\n\n[moed] {len(res.tokens)} tokens | prefill {res.prefill_tps:.1f} tok/s | "
+              f"decode {res.decode_tps:.2f} tok/s | hit rate {st.hit_rate:.1%} | "
+              f"read {st.bytes_read / 1e6:.1f} MB | cache {out['cache_bytes'] / 1e6:.1f} MB | "
+              f"peak RSS {out['peak_rss_bytes'] / 1e6:.0f} MB", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from moed.daemon.bench import main as bench_main
+
+    return bench_main(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moed", description="Paged Mixture-of-Experts inference on MLX")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    m = sub.add_parser("make-model", help="write a synthetic checkpoint in mlx-lm format")
+    m.add_argument("dir")
+    m.add_argument("--arch", default="qwen3_moe", choices=["qwen3_moe", "qwen3_5_moe", "mixtral"])
+    m.add_argument("--preset", default="tiny", choices=["tiny", "small", "med"])
+    m.add_argument("--size-gb", type=float, help="scale the experts so the checkpoint is about this big")
+    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--skip-existing", action="store_true", help="do nothing if DIR already holds a model")
+    m.set_defaults(fn=cmd_make_model)
+
+    g = sub.add_parser("generate", help="generate in this process through the paged engine")
+    g.add_argument("--model", required=True, help="checkpoint dir or Hugging Face repo id (local cache)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temp", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    _cache_args(g)
+    g.set_defaults(fn=cmd_generate)
+
+    b = sub.add_parser("bench", help="mlx-lm resident vs moed at several cache sizes, one run")
+    b.add_argument("--model", required=True)
+    b.add_argument("--out", required=True, help="provenance JSON file to write")
+    b.add_argument("--cache-fractions", default="1,0.5,0.25,0.1")
+    b.add_argument("--sampling", default="random", help="comma list of greedy,random")
+    b.add_argument("--cold", action="store_true", help="drop the page cache before each run")
+    b.add_argument("--max-tokens", type=int, default=64)
+    b.add_argument("--prompt-tokens", type=int, default=32, help="length of the benchmark prompt")
+    b.add_argument("--workers", type=int, default=2)
+    b.add_argument("--dtype", choices=["float32"])
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
+        print(f"moed: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""`moed bench`: mlx-lm resident vs moed at several cache sizes, in one run, with provenance.
+
+Each measurement runs in a fresh process (`python -m moed.daemon.bench --one SPEC`), so peak RSS
+and the page cache state belong to that measurement alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+
+PROMPT_TEXT = (
+    "The history of computing is a story of memory. Every generation of machines has been limited "
+    "less by how fast it could calculate than by how much it could remember and how quickly it could "
+    "fetch what it had forgotten. Engineers learned to keep the most useful things close at hand and "
+    "to leave the rest on slower, larger storage, moving pages back and forth as the work demanded. "
+)
+
+
+def bench_prompt(tokenizer, n_tokens: int) -> list[int]:
+    """A fixed prompt of exactly n_tokens tokens."""
+    ids: list[int] = []
+    while len(ids) < n_tokens:
+        ids += tokenizer.encode(PROMPT_TEXT, add_special_tokens=False)
+    return ids[:n_tokens]
+
+
+def drop_page_cache() -> str:
+    """Empty the OS page cache; returns how (or why not)."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.sync()
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+            return "drop_caches"
+        except OSError as e:
+            return f"not dropped ({e.strerror})"
+    if sys.platform == "darwin":
+        r = subprocess.run(["purge"], capture_output=True)
+        return "purge" if r.returncode == 0 else "not dropped (purge needs root)"
+    return "not dropped"
+
+
+def measure(spec: dict) -> dict:
+    """One measurement, in this process: load, generate, report figures."""
+    import mlx.core as mx
+
+    from moed.daemon.generate import SamplingParams, peak_rss_bytes, run
+    from moed.daemon.model import load_paged, load_resident
+
+    params = SamplingParams(max_tokens=spec["max_tokens"], temp=1.0 if spec["sampling"] == "random" else 0.0,
+                            seed=spec["seed"])
+    t0 = time.perf_counter()
+    if spec["engine"] == "mlx-lm":
+        model, tokenizer = load_resident(spec["model"], spec.get("dtype"))
+        pm = None
+    else:
+        pm = load_paged(spec["model"], cache_fraction=spec["cache_fraction"], workers=spec["workers"],
+                        dtype=spec.get("dtype"))
+        model, tokenizer = pm.model, pm.tokenizer
+    load_s = time.perf_counter() - t0
+    try:
+        res = run(model, tokenizer, bench_prompt(tokenizer, spec["prompt_tokens"]), params)
+        out = {
+            "engine": spec["engine"], "cache_fraction": spec["cache_fraction"], "sampling": spec["sampling"],
+            "decode_tps": res.decode_tps, "prefill_tps": res.prefill_tps, "ttft_s": res.ttft_s,
+            "generated_tokens": len(res.tokens), "prompt_tokens": res.prompt_tokens,
+            "load_s": load_s, "peak_rss_bytes": peak_rss_bytes(), "tokens": res.tokens,
+            "mlx_peak_memory_bytes": mx.get_peak_memory(),
+        }
+        if pm is not None:
+            st = pm.store.stats
+            out.update({
+                "hit_rate": st.hit_rate, "bytes_read": st.bytes_read,
+                "bytes_read_per_token": st.bytes_read / max(1, len(res.tokens) + res.prompt_tokens),
+                "read_gbps": st.bytes_read / st.read_seconds / 1e9 if st.read_seconds else 0.0,
+                "read_seconds": st.read_seconds, "cache_bytes": pm.info["cache_bytes"],
+                "slots_per_layer": pm.info["slots_per_layer"][0], "non_expert_bytes": pm.non_expert_bytes,
+                "expert_bytes": pm.expert_bytes,
+            })
+        else:
+            out.update({"hit_rate": 1.0, "bytes_read": 0, "bytes_read_per_token": 0.0, "read_gbps": 0.0})
+        return out
+    finally:
+        if pm is not None:
+            pm.close()
+
+
+def machine() -> dict:
+    vm = psutil.virtual_memory()
+    return {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "ram_bytes": vm.total, "python": platform.python_version(),
+    }
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("mlx", "mlx-lm", "pyzmq", "msgpack")}
+
+
+def git_commit() -> dict:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True).stdout.strip())
+    except OSError:
+        sha, dirty = "unknown", None
+    return {"git_commit": sha or "unknown", "git_dirty": dirty}
+
+
+def run_one(spec: dict, cold: bool) -> dict:
+    cold_method = drop_page_cache() if cold else "warm"
+    proc = subprocess.run([sys.executable, "-m", "moed.daemon.bench", "--one", json.dumps(spec)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench run {spec} failed:\n{proc.stderr[-4000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["cache_state"] = cold_method
+    return out
+
+
+def main(a) -> int:
+    """Run every configuration, print a table, write the provenance file."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from moed.daemon.model import resolve_model
+
+    console = Console(stderr=True)
+    model = str(resolve_model(a.model))
+    fractions = [float(f) for f in str(a.cache_fractions).split(",") if f]
+    samplings = [s for s in a.sampling.split(",") if s]
+    base = {"model": model, "max_tokens": a.max_tokens, "prompt_tokens": a.prompt_tokens, "seed": 0,
+            "workers": a.workers, "dtype": a.dtype}
+    specs = [{**base, "engine": "mlx-lm", "cache_fraction": None, "sampling": s} for s in samplings]
+    specs += [{**base, "engine": "moed", "cache_fraction": f, "sampling": s} for s in samplings for f in fractions]
+    runs = []
+    for spec in specs:
+        console.print(f"[bold]{spec['engine']}[/] cache={spec['cache_fraction']} sampling={spec['sampling']} ...")
+        runs.append(run_one(spec, a.cold))
+    resident = {r["sampling"]: r for r in runs if r["engine"] == "mlx-lm"}
+    for r in runs:
+        ref = resident[r["sampling"]]
+        r["decode_ratio_vs_mlx_lm"] = r["decode_tps"] / ref["decode_tps"]
+        r["prefill_ratio_vs_mlx_lm"] = r["prefill_tps"] / ref["prefill_tps"]
+        r["same_tokens_as_mlx_lm"] = r["tokens"] == ref["tokens"]
+    config = json.loads((Path(model) / "config.json").read_text())
+    doc = {
+        "kind": "moed-bench", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": {**base, "cache_fractions": fractions, "sampling": samplings, "cold": a.cold,
+                   "model_config": {k: config.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers",
+                                                               "num_experts", "num_local_experts",
+                                                               "num_experts_per_tok", "moe_intermediate_size")}},
+        "machine": machine(), "versions": versions(), **git_commit(), "runs": runs,
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(doc, indent=2))
+    t = Table(title=f"moed bench: {Path(model).name}")
+    for c in ("engine", "cache", "sampling", "decode tok/s", "x mlx-lm", "prefill tok/s", "ttft s",
+              "hit rate", "MB read/tok", "read GB/s", "peak RSS MB"):
+        t.add_column(c, justify="right")
+    for r in runs:
+        t.add_row(r["engine"], str(r["cache_fraction"] or "-"), r["sampling"], f"{r['decode_tps']:.2f}",
+                  f"{r['decode_ratio_vs_mlx_lm']:.2f}", f"{r['prefill_tps']:.1f}", f"{r['ttft_s']:.2f}",
+                  f"{r['hit_rate']:.1%}", f"{r['bytes_read_per_token'] / 1e6:.2f}", f"{r['read_gbps']:.2f}",
+                  f"{r['peak_rss_bytes'] / 1e6:.0f}")
+    Console().print(t)
+    console.print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--one":
+        print(json.dumps(measure(json.loads(sys.argv[2]))))
+    else:
+        sys.exit("usage: python -m moed.daemon.bench --one SPEC_JSON (use `moed bench`)")

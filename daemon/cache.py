@@ -1,0 +1,98 @@
+"""Slot bookkeeping for the expert cache: which expert sits in which slot, and what to evict.
+
+Pure Python + numpy (no MLX): the pools themselves live in `experts.py`. Each MoE layer owns a
+fixed number of slots; LRU is the baseline eviction policy.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+    read_seconds: float = 0.0
+    layer_hits: list[int] = field(default_factory=list)
+    layer_misses: list[int] = field(default_factory=list)
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "hits": self.hits, "misses": self.misses,
+            "hit_rate": self.hit_rate, "bytes_read": self.bytes_read,
+            "read_seconds": self.read_seconds,
+            "layer_hits": list(self.layer_hits), "layer_misses": list(self.layer_misses),
+        }
+
+
+class LayerSlots:
+    """The slot table of one layer's pool with LRU eviction.
+
+    Args:
+        n_slots: slots in the pool (at least the layer's top-k).
+        num_experts: experts of the layer; `lut[e]` is e's slot or -1.
+    """
+
+    def __init__(self, n_slots: int, num_experts: int):
+        self.n_slots = n_slots
+        self.lut = np.full(num_experts, -1, dtype=np.int32)
+        self._lru: OrderedDict[int, int] = OrderedDict()  # expert -> slot, oldest first
+        self._free = list(range(n_slots - 1, -1, -1))
+        self.evictions = 0
+
+    def groups(self, experts: np.ndarray) -> list[np.ndarray]:
+        """Split a layer's needed experts into groups that fit the pool at once.
+
+        Resident experts go first so the first group needs the fewest reads.
+        """
+        if len(experts) <= self.n_slots:
+            return [experts]
+        resident = self.lut[experts] >= 0
+        ordered = np.concatenate([experts[resident], experts[~resident]])
+        return [ordered[i : i + self.n_slots] for i in range(0, len(ordered), self.n_slots)]
+
+    def assign(self, experts: np.ndarray) -> tuple[int, list[tuple[int, int]]]:
+        """Give every expert of `experts` (unique, at most n_slots) a slot.
+
+        Returns the number of hits and the misses as (expert, slot) pairs to be filled.
+        """
+        misses, hits = [], 0
+        for e in experts.tolist():
+            if self.lut[e] >= 0:
+                self._lru.move_to_end(e)
+                hits += 1
+            else:
+                misses.append(e)
+        filled = []
+        for e in misses:
+            if self._free:
+                slot = self._free.pop()
+            else:  # the oldest entries are never in `experts`: those were just moved to the end
+                old, slot = self._lru.popitem(last=False)
+                self.lut[old] = -1
+                self.evictions += 1
+            self._lru[e] = slot
+            self.lut[e] = slot
+            filled.append((e, slot))
+        return hits, filled
+
+    def forget(self, experts: list[int]) -> None:
+        """Drop experts whose slots could not be filled (a failed read)."""
+        for e in experts:
+            slot = self._lru.pop(e, None)
+            if slot is not None:
+                self.lut[e] = -1
+                self._free.append(slot)
+
+    def resident(self) -> list[int]:
+        return list(self._lru)

@@ -1,0 +1,164 @@
+"""The paged expert layer: mlx-lm's SwitchGLU/SwitchMLP computing over a bounded slot pool.
+
+Each stacked expert tensor of a layer (e.g. `gate_proj.weight`, shape (num_experts, ...)) is
+replaced by a preallocated pool of shape (n_slots, ...). The original mlx-lm module still does
+the math (`gather_qmm` and friends); it just receives slot indices instead of expert indices.
+Missed experts are read by the I/O workers into shared memory and copied into their slots.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from moed.daemon.cache import CacheStats, LayerSlots
+from moed.workers.index import ExpertLayer, ExpertTensor
+
+MX_DTYPES = {
+    "F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32,
+    "U8": mx.uint8, "I8": mx.int8, "U16": mx.uint16, "I32": mx.int32,
+}
+FLOATS = {"F32", "F16", "BF16"}
+
+
+class Reader(Protocol):
+    def read(self, ranges: Sequence[tuple[int, int, int]]) -> list[memoryview]: ...
+
+
+class TensorPool:
+    """The slots of one stacked expert tensor, written in place from host memory.
+
+    Args:
+        tensor: the on-disk tensor this pool caches experts of.
+        n_slots: number of slots.
+        cast: float dtype to convert floating tensors to as they are paged in (None keeps them).
+    """
+
+    def __init__(self, tensor: ExpertTensor, n_slots: int, cast: mx.Dtype | None = None):
+        self.src = tensor.info.dtype
+        dtype = MX_DTYPES[self.src]
+        if cast is not None and self.src in FLOATS:
+            dtype = cast
+        # numpy has no bfloat16: store bf16 as uint16 and hand MLX a bf16 view of the same buffer
+        storage = mx.uint16 if dtype == mx.bfloat16 else dtype
+        self._raw = mx.zeros((n_slots, *tensor.expert_shape), dtype=storage)
+        mx.eval(self._raw)
+        self.array = self._raw if storage == dtype else self._raw.view(dtype)
+        mx.eval(self.array)
+        self._host = np.asarray(self._raw).reshape(n_slots, -1)  # shares the MLX buffer
+        self._convert = dtype != MX_DTYPES[self.src]
+        if self._convert and dtype != mx.float32:
+            raise ValueError(f"cannot cast {self.src} experts to {dtype}; only float32 is supported")
+
+    def write(self, slot: int, data: memoryview) -> None:
+        if not self._convert:
+            self._host[slot].view(np.uint8)[:] = np.frombuffer(data, dtype=np.uint8)
+        elif self.src == "BF16":  # bf16 -> f32 is a 16-bit shift
+            u16 = np.frombuffer(data, dtype=np.uint16)
+            self._host[slot].view(np.uint32)[:] = u16.astype(np.uint32) << 16
+        else:  # F16 -> F32
+            self._host[slot][:] = np.frombuffer(data, dtype=np.float16)
+
+
+class ExpertStore:
+    """Slot pools, slot tables and the reader that fills them, for every MoE layer.
+
+    Args:
+        layers: the index of each MoE layer's expert tensors.
+        n_slots: slots per layer.
+        reader: reads byte ranges (the fetcher fronting the I/O workers).
+        cast: see TensorPool.
+    """
+
+    def __init__(self, layers: list[ExpertLayer], n_slots: list[int], reader: Reader,
+                 cast: mx.Dtype | None = None):
+        self.layers = layers
+        self.reader = reader
+        self.pools = [[TensorPool(t, n, cast) for t in layer.tensors] for layer, n in zip(layers, n_slots)]
+        self.slots = [LayerSlots(n, layer.num_experts) for layer, n in zip(layers, n_slots)]
+        n = len(layers)
+        self.stats = CacheStats(layer_hits=[0] * n, layer_misses=[0] * n)
+
+    def ensure(self, layer: int, experts: np.ndarray) -> np.ndarray:
+        """Make `experts` (unique, at most the layer's slots) resident; return the layer's LUT."""
+        slots = self.slots[layer]
+        hits, filled = slots.assign(experts)
+        self.stats.hits += hits
+        self.stats.misses += len(filled)
+        self.stats.layer_hits[layer] += hits
+        self.stats.layer_misses[layer] += len(filled)
+        if filled:
+            self._fill(layer, filled)
+        return slots.lut
+
+    def _fill(self, layer: int, filled: list[tuple[int, int]]) -> None:
+        spec = self.layers[layer]
+        ranges = [r for e, _ in filled for r in spec.ranges(e)]
+        t0 = time.perf_counter()
+        try:
+            views = self.reader.read(ranges)
+        except BaseException:
+            self.slots[layer].forget([e for e, _ in filled])
+            raise
+        pools = self.pools[layer]
+        for i, (_, slot) in enumerate(filled):
+            for j, pool in enumerate(pools):
+                pool.write(slot, views[i * len(pools) + j])
+        self.stats.read_seconds += time.perf_counter() - t0
+        self.stats.bytes_read += sum(r[2] for r in ranges)
+
+    def evictions(self) -> int:
+        return sum(s.evictions for s in self.slots)
+
+    def resident_bytes(self) -> int:
+        """Bytes of the preallocated pools (the cache budget actually held)."""
+        return sum(p.array.nbytes for pools in self.pools for p in pools)
+
+
+class PagedSwitch(nn.Module):
+    """Drop-in for SwitchGLU/SwitchMLP: same `(x, indices)` contract, experts paged from disk.
+
+    Args:
+        inner: the mlx-lm switch module whose expert tensors were replaced by pools.
+        store: the expert store holding the pools.
+        layer: this layer's position in the store.
+    """
+
+    def __init__(self, inner: nn.Module, store: ExpertStore, layer: int):
+        super().__init__()
+        self.inner = inner
+        self.store = store
+        self.layer = layer
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        idx = np.array(indices)  # the one host sync of this layer: the router's choice
+        experts = np.unique(idx)
+        groups = self.store.slots[self.layer].groups(experts)
+        if len(groups) == 1:
+            lut = self.store.ensure(self.layer, experts)
+            return self.inner(x, mx.array(lut[idx]))
+        return self._by_group(x, idx, groups)
+
+    def _by_group(self, x: mx.array, idx: np.ndarray, groups: list[np.ndarray]) -> mx.array:
+        """More experts than slots (a long prompt on a small cache): one group at a time.
+
+        Each (token, choice) pair is computed exactly once, with its expert resident.
+        """
+        k = idx.shape[-1]
+        flat = idx.reshape(-1)
+        xf = x.reshape(-1, x.shape[-1])
+        pieces, order = [], []
+        for group in groups:
+            lut = self.store.ensure(self.layer, group)
+            sel = np.nonzero(np.isin(flat, group))[0]
+            y = self.inner(xf[mx.array(sel // k)], mx.array(lut[flat[sel]])[:, None])[:, 0]
+            mx.eval(y)  # the next group overwrites these slots
+            pieces.append(y)
+            order.append(sel)
+        inverse = np.argsort(np.concatenate(order))
+        y = mx.concatenate(pieces)[mx.array(inverse)]
+        return y.reshape(*idx.shape, y.shape[-1])

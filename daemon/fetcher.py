@@ -1,0 +1,451 @@
+"""The supervisor's side of the I/O path: worker processes read file ranges into shared memory.
+
+    with Fetcher(paths, workers=2) as f:
+        a, b = f.read([(0, offset, length), (1, offset, length)])  # valid until the next read
+
+read() lays the ranges out back to back (64-byte aligned) in one staging segment, splits the bytes
+evenly across the workers (one Read message per worker, ranges cut at page boundaries), waits for
+every ReadDone and returns views into the segment. Small reads go whole to one worker.
+
+Liveness, as in the ZeroMQ guide's Paranoid Pirate: any message from a worker resets its clock;
+a worker with a Read outstanding that stays silent for `liveness` heartbeat intervals is killed.
+An exited worker is noticed by Popen.poll() within DEATH_CHECK_S (at once if sending to it fails).
+Either way the slot gets a new process and the outstanding Read is sent again, so read() still
+returns correct bytes. A slot that fails MAX_RESTARTS times within one read() raises WorkerError
+and closes the fetcher. A failed read (EOF, I/O error) raises ReadError; the fetcher stays usable.
+
+No MLX here: this module can run in any process. Not thread-safe: one thread calls read().
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import zmq
+
+from moed.ipc import shm
+from moed.ipc.codec import ProtocolError, decode, encode
+from moed.ipc.messages import (PROTOCOL_VERSION, Configure, Read, ReadDone, Ready, Shutdown)
+from moed.ipc.runtime import (endpoint_path, ipc_endpoint, remove_endpoint,
+                              remove_stale_endpoints)
+
+log = logging.getLogger(__name__)
+
+ALIGN = 64  # start of each range in the staging segment
+SPLIT_ALIGN = 4096  # a range split across workers is cut at a page boundary of its file
+MIN_SPLIT = 512 << 10  # default: reads smaller than this go whole to one worker
+GROW_STEP = 1 << 20
+DEATH_CHECK_S = 0.05  # how often a waiting read() looks for exited workers (Popen.poll)
+MAX_RESTARTS = 3  # per worker slot within one read()
+SHUTDOWN_GRACE = 2.0  # seconds a worker gets to exit after Shutdown before SIGKILL
+
+Range = tuple[int, int, int]  # (file_idx, file_offset, length)
+
+
+class FetchError(RuntimeError):
+    """Base of the fetcher's errors."""
+
+
+class WorkerError(FetchError):
+    """Workers could not be started or kept alive; the fetcher is closed."""
+
+
+class ReadError(FetchError):
+    """A worker could not read a range (the message names the file); the fetcher stays usable."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("; ".join(errors))
+        self.errors = errors
+
+
+@dataclass
+class FetchStats:
+    bytes_read: int = 0
+    reads: int = 0  # ranges
+    read_calls: int = 0
+    read_seconds: float = 0.0  # wall time inside read()
+    respawns: int = 0
+    bytes_by_worker: list[int] = field(default_factory=list)  # per slot
+
+
+@dataclass(eq=False)
+class _Worker:
+    slot: int
+    proc: subprocess.Popen
+    lifeline: socket.socket  # our end; the worker exits when it reads EOF on its end
+    started: float
+    identity: bytes | None = None  # ZeroMQ routing id, known once Ready arrives
+    last_seen: float = 0.0
+    pending: Read | None = None
+    sent_at: float = 0.0
+    restarts: int = 0
+
+
+@dataclass(eq=False)
+class _Resources:
+    """What close() releases; apart from Fetcher so a finalizer can own it."""
+    ctx: zmq.Context
+    router: zmq.Socket
+    endpoint: str
+    workers: list[_Worker] = field(default_factory=list)
+    segments: list = field(default_factory=list)  # SharedMemory we created
+
+    def release(self) -> None:
+        for w in self.workers:  # ask politely (a worker not yet Ready exits on the lifeline)...
+            if w.identity is not None:
+                try:
+                    self.router.send_multipart([w.identity, *encode(Shutdown())], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            w.lifeline.close()
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        for w in self.workers:  # ...then insist
+            _reap(w, max(0.0, deadline - time.monotonic()))
+        self.router.close(linger=0)
+        self.ctx.term()
+        for seg in self.segments:
+            shm.unlink(seg)
+            shm.close(seg)
+        self.segments.clear()
+        remove_endpoint(self.endpoint)
+
+
+def _reap(w: _Worker, grace: float) -> None:
+    """Wait up to `grace` seconds for the process, then SIGKILL it by pid."""
+    try:
+        w.proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        w.proc.kill()
+        w.proc.wait()
+
+
+class Fetcher:
+    """Reads file ranges through worker processes into a shared-memory staging segment.
+
+    Args:
+        files: paths; a range's file_idx indexes this list.
+        workers: number of worker processes.
+        staging_bytes: initial staging segment size; grows when one read() needs more.
+        runtime_dir: where the ROUTER's socket file goes (default: ipc.runtime.runtime_dir()).
+        heartbeat_s: workers' heartbeat interval.
+        liveness: silent heartbeat intervals before a busy worker is declared dead.
+        start_timeout: seconds for the workers to report Ready.
+        min_split_bytes: reads smaller than this are not split across workers.
+    """
+
+    def __init__(self, files: list[str], workers: int = 2, staging_bytes: int = 64 << 20,
+                 runtime_dir: str | os.PathLike | None = None, *, heartbeat_s: float = 0.5,
+                 liveness: int = 4, start_timeout: float = 20.0,
+                 min_split_bytes: int = MIN_SPLIT):
+        if workers < 1 or staging_bytes < 1:
+            raise ValueError("need at least one worker and one byte of staging")
+        self.files = [os.path.abspath(os.fspath(f)) for f in files]
+        self.n_workers = workers
+        self.runtime_dir = runtime_dir
+        self.heartbeat_s = heartbeat_s
+        self.liveness = liveness
+        self.start_timeout = start_timeout
+        self.min_split_bytes = min_split_bytes
+        self.stats = FetchStats(bytes_by_worker=[0] * workers)
+        self._size = _round_up(staging_bytes, GROW_STEP)
+        self._res: _Resources | None = None
+        self._finalizer: weakref.finalize | None = None
+        self._closed = False
+        self._req_ids = itertools.count(1)
+        self._by_identity: dict[bytes, _Worker] = {}
+        self._done: list[tuple[int, ReadDone]] = []
+        self._next_check = 0.0  # monotonic time of the next exited-worker check
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> "Fetcher":
+        """Bind the ROUTER, create the staging segment, spawn the workers, wait for Ready."""
+        if self._res is not None or self._closed:
+            raise FetchError("a Fetcher starts once")
+        ctx = zmq.Context(1)
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished worker raises
+        router.setsockopt(zmq.RCVTIMEO, int(DEATH_CHECK_S * 1000))  # fixed: setting it is slow
+        endpoint = ipc_endpoint(directory=self.runtime_dir)
+        remove_stale_endpoints(endpoint_path(endpoint).parent)  # left by killed supervisors
+        router.bind(endpoint)
+        self._res = _Resources(ctx, router, endpoint)
+        self._finalizer = weakref.finalize(self, self._res.release)
+        try:
+            self._segment = shm.create(self._size)
+            self._res.segments.append(self._segment)
+            self._buf = self._segment.buf
+            for slot in range(self.n_workers):
+                self._res.workers.append(self._spawn(slot))
+            self._await_ready()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Shutdown the workers (SIGKILL after SHUTDOWN_GRACE), unlink shared memory, remove the
+        socket file. Idempotent; also runs at interpreter exit or when the Fetcher is collected."""
+        self._closed = True
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def __enter__(self) -> "Fetcher":
+        return self if self._res is not None else self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.proc.pid for w in self._workers]
+
+    @property
+    def staging_bytes(self) -> int:
+        return self._size
+
+    @property
+    def endpoint(self) -> str | None:
+        """The ROUTER's `ipc://` endpoint (its socket file is removed by close())."""
+        return self._res.endpoint if self._res is not None else None
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Every endpoint this fetcher bound (one ROUTER today)."""
+        return [self._res.endpoint] if self._res is not None else []
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def read(self, ranges: list[Range]) -> list[memoryview]:
+        """Read (file_idx, offset, length) ranges; returns views into the staging segment in the
+        same order, valid until the next read(). Raises ReadError, WorkerError."""
+        t0 = time.perf_counter()
+        self._check_open()
+        offsets, total = self._layout(ranges)
+        items = [(f, off, n, dst) for (f, off, n), dst in zip(ranges, offsets) if n > 0]
+        try:
+            for w in self._workers:
+                w.restarts = 0
+            if any(w.pending for w in self._workers):  # an interrupted read is still writing
+                self._collect()
+            if total > self._size:
+                self._grow(total)
+            done = self._run(self._assign(items, total)) if items else []
+        except WorkerError:
+            self.close()
+            raise
+        nbytes = sum(d.nbytes for _, d in done)
+        self.stats.read_calls += 1
+        self.stats.reads += len(ranges)
+        self.stats.bytes_read += nbytes
+        for slot, d in done:
+            self.stats.bytes_by_worker[slot] += d.nbytes
+        errors = [d.error for _, d in done if d.error]
+        self.stats.read_seconds += time.perf_counter() - t0
+        if errors:
+            raise ReadError(errors)
+        if nbytes != sum(n for _, _, n, _ in items):
+            raise ReadError([f"workers read {nbytes} bytes, expected {sum(i[2] for i in items)}"])
+        buf = self._buf
+        return [buf[dst:dst + n] for (_, _, n), dst in zip(ranges, offsets)]
+
+    def _layout(self, ranges: list[Range]) -> tuple[list[int], int]:
+        """Staging offsets (ALIGN-aligned, back to back) and the bytes they span."""
+        offsets, pos, nfiles = [], 0, len(self.files)
+        for f, off, n in ranges:
+            if not (0 <= f < nfiles and off >= 0 and n >= 0):
+                raise ValueError(f"bad range {(f, off, n)} ({nfiles} files)")
+            offsets.append(pos)
+            pos += (n + ALIGN - 1) // ALIGN * ALIGN
+        return offsets, pos
+
+    def _assign(self, items: list, total: int) -> list[list]:
+        """Split items into one list per worker, balanced by bytes; big ranges are cut at a page
+        boundary of their file. Small reads go whole to worker 0: one message, and a worker that
+        stays warm answers sooner than alternating ones."""
+        n = len(self._workers)
+        plan: list[list] = [[] for _ in range(n)]
+        if n == 1 or total < self.min_split_bytes:
+            plan[0] = items
+            return plan
+        target = -(-total // n)
+        slot, room = 0, target
+        for f, off, length, dst in sorted(items):
+            while length > 0:
+                take = length
+                if slot < n - 1 and length > room:
+                    take = (off + room) // SPLIT_ALIGN * SPLIT_ALIGN - off
+                    if take <= 0:  # no page boundary fits: next worker
+                        slot, room = slot + 1, target
+                        continue
+                    if length - take < SPLIT_ALIGN:  # leave no crumbs
+                        take = length
+                plan[slot].append((f, off, take, dst))
+                off, dst, length, room = off + take, dst + take, length - take, room - take
+                if room <= 0 and slot < n - 1:
+                    slot, room = slot + 1, target
+        return plan
+
+    def _run(self, plan: list[list]) -> list[tuple[int, ReadDone]]:
+        """Send one Read per worker with work, wait for every ReadDone."""
+        now = time.monotonic()
+        for w, items in zip(list(self._workers), plan):
+            if items:
+                w.pending, w.sent_at = Read(next(self._req_ids), items), now
+                if w.identity is not None:
+                    self._send(w, w.pending)
+        return self._collect()
+
+    def _collect(self) -> list[tuple[int, ReadDone]]:
+        self._done = []
+        while any(w.pending for w in self._workers):
+            self._pump()
+            self._check_liveness()
+        done, self._done = self._done, []
+        return done
+
+    def _grow(self, total: int) -> None:
+        """Move to a bigger segment: create, Configure the workers, unlink the old one."""
+        old = self._segment
+        self._size = _round_up(max(total, 2 * self._size), GROW_STEP)
+        self._segment = shm.create(self._size)
+        self._res.segments.append(self._segment)
+        self._buf = self._segment.buf
+        for w in list(self._workers):
+            if w.identity is not None:
+                self._send(w, self._configure())
+        self._res.segments.remove(old)
+        shm.unlink(old)
+        shm.close(old)  # deferred if the caller still holds views into it
+
+    # --- workers ----------------------------------------------------------------------------
+
+    @property
+    def _workers(self) -> list[_Worker]:
+        return self._res.workers if self._res is not None else []
+
+    def _check_open(self) -> None:
+        if self._closed or self._res is None:
+            raise WorkerError("fetcher is closed" if self._closed else "fetcher not started")
+
+    def _configure(self) -> Configure:
+        return Configure(self.files, self._segment.name, self._size)
+
+    def _spawn(self, slot: int) -> _Worker:
+        ours, theirs = socket.socketpair()
+        cmd = [sys.executable, "-m", "moed.workers.loop", "--endpoint", self._res.endpoint,
+               "--id", str(slot), "--heartbeat", str(self.heartbeat_s),
+               "--lifeline", str(theirs.fileno()), "--parent-pid", str(os.getpid())]
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),))
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return _Worker(slot, proc, ours, started=time.monotonic())
+
+    def _restart(self, w: _Worker, why: str) -> None:
+        """Replace a dead or silent worker; its outstanding Read goes to the new process."""
+        if w.restarts >= MAX_RESTARTS:
+            raise WorkerError(f"worker {w.slot} failed {w.restarts + 1} times; last: {why}")
+        log.warning("moed fetcher: restarting worker %d (pid %d): %s", w.slot, w.proc.pid, why)
+        if w.proc.poll() is None:
+            w.proc.kill()
+        w.proc.wait()
+        w.lifeline.close()
+        self._by_identity.pop(w.identity, None)
+        new = self._spawn(w.slot)
+        new.pending, new.restarts = w.pending, w.restarts + 1
+        self._res.workers[w.slot] = new
+        self.stats.respawns += 1
+
+    def _await_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while not all(w.identity for w in self._workers):
+            if time.monotonic() > deadline:
+                late = [w.slot for w in self._workers if w.identity is None]
+                raise WorkerError(f"workers {late} not ready after {self.start_timeout:g}s")
+            self._pump()
+            self._check_liveness()
+
+    def _pump(self) -> None:
+        """Wait up to DEATH_CHECK_S for traffic and handle everything that arrived. A blocking
+        recv wakes faster than a poll + recv; exited workers are found by _check_liveness."""
+        router = self._res.router
+        try:
+            frames = router.recv_multipart()
+        except zmq.Again:
+            return
+        while True:
+            identity, *body = frames
+            try:
+                self._dispatch(identity, decode(body))
+            except ProtocolError as e:
+                log.warning("moed fetcher: dropped message from %r: %s", identity, e)
+            if not router.get(zmq.EVENTS) & zmq.POLLIN:
+                return
+            frames = router.recv_multipart(zmq.NOBLOCK)
+
+    def _dispatch(self, identity: bytes, msg) -> None:
+        now = time.monotonic()
+        if isinstance(msg, Ready):
+            self._on_ready(identity, msg, now)
+            return
+        w = self._by_identity.get(identity)
+        if w is None:  # from a worker we already replaced
+            return
+        w.last_seen = now
+        if isinstance(msg, ReadDone) and w.pending is not None and msg.req_id == w.pending.req_id:
+            w.pending = None
+            self._done.append((w.slot, msg))
+
+    def _on_ready(self, identity: bytes, msg: Ready, now: float) -> None:
+        if not 0 <= msg.worker_id < len(self._workers):
+            return
+        w = self._workers[msg.worker_id]
+        if msg.pid != w.proc.pid or w.identity is not None:
+            return  # stale: an earlier process of this slot
+        if msg.version != PROTOCOL_VERSION:
+            raise WorkerError(f"worker speaks protocol {msg.version}, we {PROTOCOL_VERSION}")
+        w.identity, w.last_seen = identity, now
+        self._by_identity[identity] = w
+        self._send(w, self._configure())
+        if w.pending is not None:
+            w.sent_at = now
+            self._send(w, w.pending)
+
+    def _send(self, w: _Worker, msg) -> None:
+        try:
+            self._res.router.send_multipart([w.identity, *encode(msg)])
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            self._restart(w, "unreachable")
+
+    def _check_liveness(self) -> None:
+        """Restart exited workers, workers never Ready, and busy workers gone silent."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + DEATH_CHECK_S
+        limit = self.liveness * self.heartbeat_s
+        for w in list(self._workers):
+            if w.proc.poll() is not None:
+                self._restart(w, f"exited with code {w.proc.returncode}")
+            elif w.identity is None and now - w.started > self.start_timeout:
+                self._restart(w, f"not ready after {self.start_timeout:g}s")
+            elif (w.identity is not None and w.pending is not None
+                  and now - max(w.last_seen, w.sent_at) > limit):
+                self._restart(w, f"silent for {limit:g}s")
+
+
+def _round_up(n: int, step: int) -> int:
+    return max(step, (n + step - 1) // step * step)

@@ -1,0 +1,221 @@
+"""Loading: an mlx-lm model with resident non-expert weights and paged experts.
+
+mlx-lm builds the model and loads the checkpoint lazily; every SwitchGLU/SwitchMLP then has its
+stacked expert tensors swapped for slot pools before anything is evaluated, so no expert byte is
+read at load. Works for every mlx-lm MoE architecture without per-model code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import psutil
+from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
+from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
+from mlx_lm.utils import load_model, load_tokenizer
+
+from moed.daemon.experts import FLOATS, ExpertStore, PagedSwitch
+from moed.daemon.fetcher import Fetcher
+from moed.workers.index import DTYPE_BYTES, CheckpointError, ExpertLayer, TensorTable
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+MLX_CACHE_LIMIT = 256 << 20  # bytes of freed buffers MLX may keep for reuse
+
+
+# ---------------------------------------------------------------- where the model is
+
+
+def hf_cache_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("HF_HUB_CACHE"):
+        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
+    if os.environ.get("HF_HOME"):
+        dirs.append(Path(os.environ["HF_HOME"]) / "hub")
+    dirs.append(Path.home() / ".cache" / "huggingface" / "hub")
+    return dirs
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A checkpoint directory, or a Hugging Face repo id already in the local HF cache."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise CheckpointError(f"{path}: no config.json, not a model directory")
+        return path
+    looked = [str(path)]
+    if "/" in str(model) and not str(model).startswith((".", "/")):
+        repo = "models--" + str(model).replace("/", "--")
+        for cache in hf_cache_dirs():
+            snapshots = cache / repo / "snapshots"
+            looked.append(str(snapshots))
+            ref = cache / repo / "refs" / "main"
+            if ref.exists() and (snapshots / ref.read_text().strip() / "config.json").exists():
+                return snapshots / ref.read_text().strip()
+            found = sorted(snapshots.glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+            if found:
+                return found[-1].parent
+    raise CheckpointError(f"model {model!s} not found (nothing is downloaded); looked in: " + ", ".join(looked))
+
+
+# ---------------------------------------------------------------- mlx-lm pieces
+
+
+def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
+    """Cast floating parameters as mlx_lm.convert does (honouring the model's cast_predicate)."""
+    pred = getattr(model, "cast_predicate", None)
+    if pred is None:
+        pred = getattr(getattr(model, "language_model", None), "cast_predicate", None)
+    pred = pred or (lambda _: True)
+
+    def cast(path, v):
+        return v.astype(dtype) if pred(path) and mx.issubdtype(v.dtype, mx.floating) else v
+
+    model.update(tree_map_with_path(cast, model.parameters()))
+
+
+def find_switches(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every mlx-lm expert module (SwitchGLU / SwitchMLP), by module path."""
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, (SwitchGLU, SwitchMLP))]
+
+
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent = model
+    *parents, name = path.split(".")
+    for part in parents:
+        parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+    setattr(parent, name, module)
+
+
+def top_k_of(config: dict) -> int:
+    for cfg in (config, config.get("text_config", {})):
+        for key in ("num_experts_per_tok", "moe_top_k", "top_k"):
+            if key in cfg:
+                return int(cfg[key])
+    raise CheckpointError("config.json names no num_experts_per_tok")
+
+
+def load_resident(path: str | Path, dtype: str | None = None):
+    """The reference: mlx-lm's own load, everything resident (with the same optional cast)."""
+    from mlx_lm import load
+
+    model, tokenizer = load(str(resolve_model(path)))
+    if dtype:
+        cast_floats(model, DTYPES[dtype])
+        mx.eval(model.parameters())
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------- cache sizing
+
+
+def cached_expert_nbytes(layer: ExpertLayer, cast: mx.Dtype | None) -> int:
+    """Bytes one expert takes in the pool (after an optional cast of its float tensors)."""
+    total = 0
+    for t in layer.tensors:
+        if cast is not None and t.info.dtype in FLOATS:
+            total += t.expert_nbytes // DTYPE_BYTES[t.info.dtype] * cast.size
+        else:
+            total += t.expert_nbytes
+    return total
+
+
+def slots_per_layer(layers: list[ExpertLayer], top_k: int, cast: mx.Dtype | None,
+                    fraction: float | None = None, gb: float | None = None) -> list[int]:
+    """Slots each layer gets: a fraction of its experts, or an even split of a byte budget.
+
+    Never fewer than top-k (one token's experts must fit at once) nor more than all experts.
+    Neither given: everything if it fits in half of this machine's RAM, else what does.
+    """
+    per = [cached_expert_nbytes(layer, cast) for layer in layers]
+    if fraction is None and gb is None:
+        gb = min(sum(p * layer.num_experts for p, layer in zip(per, layers)),
+                 psutil.virtual_memory().total // 2) / 1e9
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"--cache-fraction must be in (0, 1], got {fraction}")
+        want = [round(fraction * layer.num_experts) for layer in layers]
+    else:
+        if gb <= 0:
+            raise ValueError(f"--cache-gb must be positive, got {gb}")
+        want = [int(gb * 1e9 / sum(per))] * len(layers)
+    return [min(layer.num_experts, max(top_k, w)) for layer, w in zip(layers, want)]
+
+
+# ---------------------------------------------------------------- the paged model
+
+
+@dataclass
+class PagedModel:
+    model: nn.Module
+    tokenizer: object
+    config: dict
+    path: Path
+    store: ExpertStore
+    fetcher: Fetcher
+    non_expert_bytes: int
+    expert_bytes: int  # all experts on disk
+    top_k: int
+    info: dict = field(default_factory=dict)
+
+    def close(self) -> None:
+        self.fetcher.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_gb: float | None = None,
+               workers: int = 2, dtype: str | None = None) -> PagedModel:
+    """Load a checkpoint with resident non-expert weights and a bounded expert cache.
+
+    Args:
+        model: checkpoint directory or Hugging Face repo id in the local HF cache.
+        cache_fraction: share of each layer's experts to keep resident.
+        cache_gb: expert cache budget in GB (alternative to cache_fraction).
+        workers: I/O worker processes.
+        dtype: cast floating weights and scales to this dtype ("float32"), at load and as
+            experts are paged in.
+    """
+    path = resolve_model(model)
+    cast = DTYPES[dtype] if dtype else None
+    mx.set_cache_limit(MLX_CACHE_LIMIT)
+    try:
+        net, config = load_model(path, lazy=True)
+    except (ValueError, KeyError) as e:  # mlx-lm's strict load names the bad tensor
+        raise CheckpointError(f"{path}: cannot load: {e}") from e
+    if cast is not None:
+        cast_floats(net, cast)  # lazy: expert tensors are cast too, but never evaluated
+    switches = find_switches(net)
+    if not switches:
+        raise CheckpointError(f"{path}: no SwitchGLU/SwitchMLP layers, not a mixture-of-experts model")
+    table = TensorTable(path)
+    layers = [table.expert_layer(p, {k: v.shape for k, v in tree_flatten(m.parameters())})
+              for p, m in switches]
+    top_k = top_k_of(config)
+    n_slots = slots_per_layer(layers, top_k, cast, cache_fraction, cache_gb)
+    staging = max(n * layer.expert_nbytes for n, layer in zip(n_slots, layers))
+    fetcher = Fetcher([str(f) for f in table.files], workers=workers, staging_bytes=staging).start()
+    try:
+        store = ExpertStore(layers, n_slots, fetcher, cast)
+        for i, (p, m) in enumerate(switches):
+            params = [k for k, _ in tree_flatten(m.parameters())]
+            m.update(tree_unflatten([(k, pool.array) for k, pool in zip(params, store.pools[i])]))
+            set_module(net, p, PagedSwitch(m, store, i))
+        non_expert = sum(v.nbytes for k, v in tree_flatten(net.parameters()) if ".inner." not in k)
+        mx.eval(net.parameters())  # reads the non-expert weights only
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except BaseException:
+        fetcher.close()
+        raise
+    expert_bytes = sum(layer.expert_nbytes * layer.num_experts for layer in layers)
+    return PagedModel(net, tokenizer, config, path, store, fetcher, non_expert, expert_bytes, top_k,
+                      info={"moe_layers": len(layers), "slots_per_layer": n_slots,
+                            "experts_per_layer": [layer.num_experts for layer in layers],
+                            "cache_bytes": store.resident_bytes()})

@@ -1,0 +1,181 @@
+"""moed.ipc: codec strictness, message registry, shared memory, runtime dir."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import msgpack
+import pytest
+
+from moed.ipc import runtime, shm
+from moed.ipc.codec import MAX_PAYLOAD, ProtocolError, decode, encode
+from moed.ipc.messages import (REGISTRY, Configure, Heartbeat, Read, ReadDone, Ready, Shutdown,
+                               message)
+
+SAMPLES = [
+    Ready(worker_id=3, pid=12345),
+    Configure(files=["/a/b.safetensors", "/c/ünïcode.bin"], shm_name="moed-1-ab", shm_size=1 << 26),
+    Configure(files=[], shm_name="moed-2-ef01", shm_size=4096, direct=True),
+    Read(req_id=7, items=[(0, 0, 10, 0), (1, 1 << 40, 1 << 20, 64)]),
+    Read(req_id=8, items=[]),
+    ReadDone(req_id=7, nbytes=1 << 20),
+    ReadDone(req_id=9, nbytes=0, error="/x: unexpected end of file at offset 5"),
+    Heartbeat(),
+    Shutdown(),
+]
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(msg):
+    frames = encode(msg)
+    assert len(frames) == 2 and frames[0] == bytes([type(msg).CODE])
+    assert decode(frames) == msg
+    assert decode([memoryview(f) for f in frames]) == msg  # zmq frames may be buffers
+
+
+def test_every_registered_type_has_a_sample():
+    assert {type(m) for m in SAMPLES} >= set(REGISTRY.values())
+
+
+def test_read_items_decode_as_tuples():
+    msg = decode(encode(Read(1, [(0, 1, 2, 3)])))
+    assert msg.items == [(0, 1, 2, 3)] and type(msg.items[0]) is tuple
+
+
+def _frames(code: int, fields) -> list[bytes]:
+    return [bytes([code]), msgpack.packb(fields, use_bin_type=True)]
+
+
+@pytest.mark.parametrize("frames", [
+    [b"\x05"],  # missing payload
+    [b"\x05", msgpack.packb([]), b""],  # extra frame
+    [b"", msgpack.packb([])],  # empty type frame
+    [b"\x05\x05", msgpack.packb([])],  # 2-byte type frame
+    [b"\xee", msgpack.packb([])],  # unknown type
+    [b"\x00", msgpack.packb([])],
+    [b"\x04", b"\xc1"],  # invalid msgpack byte
+    [b"\x04", msgpack.packb([1, 2, None])[:-1]],  # truncated
+    [b"\x04", msgpack.packb([1, 2, None]) + b"\x00"],  # trailing data
+    [b"\x04", b""],
+    [b"\x04", b"\x91" * 5000 + b"\x90"],  # absurdly deep nesting
+    _frames(0x04, [1, 2]),  # too few fields
+    _frames(0x04, [1, 2, None, 4]),  # too many fields
+    _frames(0x04, {"req_id": 1, "nbytes": 2, "error": None}),  # map, not array
+    _frames(0x04, ["1", 2, None]),  # str for int
+    _frames(0x04, [True, 2, None]),  # bool is not an int
+    _frames(0x04, [1.0, 2, None]),  # float is not an int
+    _frames(0x04, [1, 2, b"bytes"]),  # bytes for str | None
+    _frames(0x03, [1, [(0, 0, 10)]]),  # item of 3, not 4
+    _frames(0x03, [1, [(0, 0, 10, "0")]]),
+    _frames(0x03, [1, (0, 0, 10, 0)]),  # items not a list of tuples
+    _frames(0x02, [["a", 1], "moed-x", 10, False]),  # non-str path
+    _frames(0x02, [["a"], "moed-x", 10, 0]),  # int for bool
+    [b"\x04", msgpack.packb([1, 2, msgpack.ExtType(1, b"x")])],  # ext types
+    [b"\x04", msgpack.packb([1, 2, b"\xff\xfe"], use_bin_type=False)],  # invalid utf-8 str
+])
+def test_rejects_malformed(frames):
+    with pytest.raises(ProtocolError):
+        decode(frames)
+
+
+def test_rejects_oversized_payload():
+    big = encode(ReadDone(1, 2, "x" * (MAX_PAYLOAD + 1)))
+    with pytest.raises(ProtocolError, match="exceeds"):
+        decode(big)
+    small = encode(ReadDone(1, 2, "x" * 100))
+    with pytest.raises(ProtocolError, match="exceeds"):
+        decode(small, max_payload=50)
+
+
+def test_encode_rejects_unencodable():
+    with pytest.raises(ProtocolError):
+        encode(ReadDone(1, 2, object()))  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match="not a registered message"):
+        encode(object())
+
+
+def test_garbage_never_escapes_as_another_exception():
+    rng = __import__("random").Random(1)
+    for _ in range(2000):
+        payload = bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
+        try:
+            decode([bytes([rng.choice(list(REGISTRY))]), payload])
+        except ProtocolError:
+            pass
+
+
+def test_registry_rejects_duplicate_code_and_non_dataclass():
+    with pytest.raises(ValueError, match="taken"):
+        @message(Ready.CODE)
+        @dataclass
+        class Clash:
+            x: int
+    with pytest.raises(TypeError):
+        @message(0xFD)
+        class NotADataclass:
+            pass
+    assert 0xFD not in REGISTRY
+
+
+# --- shared memory ------------------------------------------------------------------------------
+
+
+def test_shm_names_are_short_and_prefixed():
+    name = shm.new_name()
+    assert name.startswith(f"moed-{os.getpid()}-") and len(name) <= shm.MAX_NAME
+
+
+def test_shm_attach_in_child_does_not_unlink_at_child_exit():
+    """bpo-39959: the attaching process's resource tracker used to unlink the segment."""
+    seg = shm.create(1 << 16)
+    try:
+        seg.buf[:5] = b"hello"
+        code = ("import sys; from moed.ipc import shm; s = shm.attach(sys.argv[1]); "
+                "assert bytes(s.buf[:5]) == b'hello'; s.buf[5:10] = b'world'; shm.close(s)")
+        subprocess.run([sys.executable, "-c", code, seg.name], check=True, timeout=30)
+        again = shm.attach(seg.name)  # still there
+        assert bytes(again.buf[:10]) == b"helloworld"
+        shm.close(again)
+    finally:
+        shm.unlink(seg)
+        shm.close(seg)
+    if shm.segments() is not None:
+        assert seg.name not in shm.segments()
+
+
+def test_shm_close_with_live_views_is_deferred():
+    seg = shm.create(4096)
+    view = seg.buf[:16]
+    shm.unlink(seg)
+    assert shm.close(seg) is False  # a view is still exported: kept, no BufferError
+    del view
+    other = shm.create(4096)
+    shm.unlink(other)
+    assert shm.close(other) is True  # ...and retried by the next close()
+    assert seg not in shm._lingering
+
+
+# --- runtime dir --------------------------------------------------------------------------------
+
+
+def test_runtime_dir_is_private(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    d = runtime.runtime_dir()
+    assert d == tmp_path / "moed"
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert runtime.runtime_dir() == tmp_path / "cache" / "moed" / "run"
+
+
+def test_ipc_endpoint_paths_stay_short(tmp_path):
+    ep = runtime.ipc_endpoint("sup", tmp_path)
+    assert ep == f"ipc://{tmp_path}/sup.sock"
+    deep = tmp_path / ("d" * 120)
+    ep = runtime.ipc_endpoint("sup", deep)
+    assert len(ep) - len("ipc://") <= runtime.MAX_SOCKET_PATH
+    assert runtime.endpoint_path(ep).parent.name == f"moed-{os.getuid()}"
+    assert runtime.endpoint_path("tcp://127.0.0.1:5555") is None

@@ -1,0 +1,165 @@
+"""Expert index: safetensors headers -> the byte ranges of every (layer, expert).
+
+Only the headers are read (8-byte length + JSON), never tensor data. In an mlx-lm checkpoint the
+experts of a layer are stacked: `<layer>.switch_mlp.<proj>.<param>` with a leading num_experts
+dimension, so expert e of a tensor is the contiguous slice [e * per_expert, (e + 1) * per_expert).
+No MLX import: the workers and the planner read this too.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+
+# safetensors dtype -> bytes per element
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
+}
+MAX_HEADER_BYTES = 100 << 20
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be paged; the message names what is wrong."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file_idx: int
+    offset: int  # absolute file offset of the first byte
+    nbytes: int
+    dtype: str  # safetensors dtype string
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ExpertTensor:
+    """One stacked expert tensor of one layer, e.g. `gate_proj.weight`."""
+
+    param: str  # path relative to the switch module, e.g. "gate_proj.weight"
+    info: TensorInfo
+
+    @property
+    def num_experts(self) -> int:
+        return self.info.shape[0]
+
+    @property
+    def expert_shape(self) -> tuple[int, ...]:
+        return self.info.shape[1:]
+
+    @property
+    def expert_nbytes(self) -> int:
+        return self.info.nbytes // self.num_experts
+
+    def expert_range(self, expert: int) -> tuple[int, int, int]:
+        """(file_idx, offset, length) of one expert's slice."""
+        n = self.expert_nbytes
+        return self.info.file_idx, self.info.offset + expert * n, n
+
+
+@dataclass(frozen=True)
+class ExpertLayer:
+    """The expert tensors of one switch module (one MoE layer)."""
+
+    path: str  # module path, e.g. "model.layers.3.mlp.switch_mlp"
+    tensors: tuple[ExpertTensor, ...]
+
+    @property
+    def num_experts(self) -> int:
+        return self.tensors[0].num_experts
+
+    @property
+    def expert_nbytes(self) -> int:
+        return sum(t.expert_nbytes for t in self.tensors)
+
+    def ranges(self, expert: int) -> list[tuple[int, int, int]]:
+        return [t.expert_range(expert) for t in self.tensors]
+
+
+def read_header(path: Path, file_idx: int = 0) -> dict[str, TensorInfo]:
+    """Parse one safetensors header into TensorInfo records (absolute offsets)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: safetensors header of {n} bytes is implausible")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
+    size = path.stat().st_size
+    base = 8 + n
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape = meta["dtype"], tuple(meta["shape"])
+        if dtype not in DTYPE_BYTES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        start, end = meta["data_offsets"]
+        if end - start != prod(shape) * DTYPE_BYTES[dtype] or base + end > size:
+            raise CheckpointError(f"{path}: tensor {name} has inconsistent or truncated data")
+        out[name] = TensorInfo(name, file_idx, base + start, end - start, dtype, shape)
+    return out
+
+
+def shard_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's shards: those of model.safetensors.index.json, else model*.safetensors."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [model_dir / n for n in names]
+    else:
+        files = sorted(model_dir.glob("model*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{model_dir}: no model*.safetensors shards")
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{model_dir}: shards named in the index are missing: {missing}")
+    return files
+
+
+class TensorTable:
+    """Every tensor of a checkpoint, from the headers of all its shards."""
+
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        self.files = shard_files(self.model_dir)
+        self.tensors: dict[str, TensorInfo] = {}
+        for i, f in enumerate(self.files):
+            self.tensors.update(read_header(f, i))
+
+    def expert_layer(self, path: str, params: dict[str, tuple[int, ...]]) -> ExpertLayer:
+        """Map one switch module's expert parameters to their tensors, validating shapes.
+
+        Args:
+            path: module path of the switch layer, e.g. "model.layers.0.mlp.switch_mlp".
+            params: expected parameter shapes (leading num_experts dim), keyed by relative
+                name such as "gate_proj.weight", as the model built from config.json has them.
+        """
+        tensors = []
+        for param, shape in params.items():
+            name = f"{path}.{param}"
+            info = self.tensors.get(name)
+            if info is None:
+                hint = ""
+                if any(".experts.0." in k for k in self.tensors):
+                    hint = " (experts are stored unstacked, one tensor per expert: convert with mlx_lm.convert)"
+                raise CheckpointError(f"{self.model_dir}: missing expert tensor {name}{hint}")
+            if tuple(info.shape) != tuple(shape):
+                raise CheckpointError(
+                    f"{self.model_dir}: expert tensor {name} has shape {list(info.shape)}, "
+                    f"the config implies {list(shape)}"
+                )
+            tensors.append(ExpertTensor(param, info))
+        counts = {t.num_experts for t in tensors}
+        if len(counts) != 1:
+            raise CheckpointError(f"{self.model_dir}: {path} tensors disagree on the expert count")
+        return ExpertLayer(path, tuple(tensors))

@@ -1,0 +1,176 @@
+"""The I/O worker process.
+
+    python -m moed.workers.loop --endpoint ipc://... --id N [--lifeline FD] [--heartbeat S]
+
+A DEALER connects to the supervisor's ROUTER and sends Ready, then loops: receive (with a
+heartbeat-long timeout), handle Configure / Read / Shutdown, answer each Read with one ReadDone,
+send a Heartbeat whenever nothing was sent for a heartbeat interval (also between the chunks of a
+long read, so the supervisor's liveness count tracks read progress, not just a live process).
+
+The worker never outlives its supervisor: a thread blocks on the lifeline socket, whose other end
+only the supervisor holds, and exits the process when it reads EOF, which the kernel delivers the
+instant the supervisor dies, however busy its main thread is. A changed parent pid is the backup.
+Imports moed.ipc, zmq, msgpack and the stdlib only (no MLX), so it starts fast and stays small.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Callable
+
+import zmq
+
+from moed.ipc import shm
+from moed.ipc.codec import ProtocolError, decode, encode
+from moed.ipc.messages import Configure, Heartbeat, Read, ReadDone, Ready, Shutdown
+from moed.workers.reader import Reader
+
+
+class IOService:
+    """The worker's state, without sockets: Configure and Read in, ReadDone out."""
+
+    def __init__(self) -> None:
+        self.reader: Reader | None = None
+        self.segment = None  # SharedMemory
+        self.buf: memoryview | None = None
+        self.error: str | None = None  # configuration problem, reported on every Read
+
+    def configure(self, msg: Configure) -> None:
+        self._detach()
+        if self.reader is None or self.reader.paths != msg.files:
+            if self.reader is not None:
+                self.reader.close()
+            self.reader = Reader(msg.files)
+        self.error = "direct I/O is not implemented yet" if msg.direct else None
+        try:
+            self.segment = shm.attach(msg.shm_name)
+        except OSError as e:
+            self.error = f"cannot attach shared memory {msg.shm_name}: {e}"
+            return
+        self.buf = self.segment.buf[:msg.shm_size]
+        if len(self.buf) < msg.shm_size:
+            self.error = (f"shared memory {msg.shm_name} is {len(self.buf)} bytes, "
+                          f"not {msg.shm_size}")
+
+    def read(self, msg: Read, progress: Callable[[], None] | None = None) -> ReadDone:
+        if self.error is not None or self.buf is None or self.reader is None:
+            return ReadDone(msg.req_id, 0, self.error or "worker not configured")
+        nbytes, error = self.reader.read(self.buf, msg.items, progress)
+        return ReadDone(msg.req_id, nbytes, error)
+
+    def close(self) -> None:
+        self._detach()
+        if self.reader is not None:
+            self.reader.close()
+
+    def _detach(self) -> None:
+        if self.buf is not None:
+            self.buf.release()
+            self.buf = None
+        if self.segment is not None:
+            shm.close(self.segment)
+            self.segment = None
+
+
+class WorkerLoop:
+    """Receive, dispatch on message type, heartbeat; returns the reason it stopped."""
+
+    def __init__(self, sock: zmq.Socket, worker_id: int, heartbeat_s: float,
+                 lifeline: int | None = None, parent_pid: int | None = None):
+        self.sock = sock
+        self.worker_id = worker_id
+        self.heartbeat_s = heartbeat_s
+        self.lifeline = lifeline
+        self.parent_pid = parent_pid
+        self.service = IOService()
+        self.last_sent = 0.0
+
+    def run(self) -> str:
+        if self.lifeline is not None:
+            threading.Thread(target=_exit_on_eof, args=(self.lifeline,), daemon=True).start()
+        self.sock.setsockopt(zmq.RCVTIMEO, max(1, int(self.heartbeat_s * 1000)))
+        self.send(Ready(self.worker_id, os.getpid()))
+        try:
+            while True:
+                try:  # a blocking recv wakes faster than a poll + recv
+                    frames = self.sock.recv_multipart()
+                except zmq.Again:
+                    frames = None
+                if frames is not None and self._handle(frames):
+                    return "shutdown"
+                if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                    return "parent died"
+                self.heartbeat_if_due()
+        finally:
+            self.service.close()
+
+    def send(self, msg, flags: int = 0) -> None:
+        self.sock.send_multipart(encode(msg), flags=flags, copy=True)
+        self.last_sent = time.monotonic()
+
+    def heartbeat_if_due(self) -> None:
+        if time.monotonic() - self.last_sent >= self.heartbeat_s:
+            try:  # never block on a supervisor that is not reading: drop the beat instead
+                self.send(Heartbeat(), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
+    def _handle(self, frames: list[bytes]) -> bool:
+        """Handle one message; True on Shutdown."""
+        try:
+            msg = decode(frames)
+        except ProtocolError as e:
+            print(f"moed worker {self.worker_id}: dropped message: {e}", file=sys.stderr)
+            return False
+        if isinstance(msg, Read):
+            self.send(self.service.read(msg, self.heartbeat_if_due))
+        elif isinstance(msg, Configure):
+            self.service.configure(msg)
+        elif isinstance(msg, Shutdown):
+            return True
+        # Heartbeats from the supervisor need no answer.
+        return False
+
+
+def _exit_on_eof(fd: int) -> None:
+    """Lifeline thread: block until the supervisor's end closes, then exit at once."""
+    while True:
+        try:
+            if os.read(fd, 1) == b"":
+                break
+        except InterruptedError:
+            continue
+        except OSError:
+            break
+    os._exit(3)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="moed.workers.loop", description=__doc__.split("\n")[0])
+    p.add_argument("--endpoint", required=True, help="the supervisor's ROUTER endpoint")
+    p.add_argument("--id", type=int, required=True, help="worker slot number")
+    p.add_argument("--heartbeat", type=float, default=0.5, help="heartbeat interval, seconds")
+    p.add_argument("--lifeline", type=int, help="fd that reads EOF when the supervisor dies")
+    p.add_argument("--parent-pid", type=int, help="exit when the parent pid is no longer this")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    ctx = zmq.Context(1)
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, f"{args.id}:{os.getpid()}".encode())
+    sock.connect(args.endpoint)
+    reason = WorkerLoop(sock, args.id, args.heartbeat, args.lifeline, args.parent_pid).run()
+    sock.close(linger=500 if reason == "shutdown" else 0)
+    ctx.term()
+    return 0 if reason == "shutdown" else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Read byte ranges of files into a buffer with preadv, one open descriptor per file.
+
+Items adjacent in a file are coalesced into one preadv with several destination buffers; each
+syscall moves at most CHUNK bytes so the caller can heartbeat between them. Failures never raise:
+read() returns the bytes read and an error string naming the file and offset.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+Item = tuple[int, int, int, int]  # (file_idx, file_offset, length, buf_offset)
+
+CHUNK = 16 << 20  # most bytes per syscall
+try:
+    IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
+except (AttributeError, ValueError, OSError):
+    IOV_MAX = 16
+
+
+@dataclass(slots=True)
+class Run:
+    """One syscall's worth: consecutive file bytes scattered to buffer pieces."""
+    file_idx: int
+    offset: int
+    nbytes: int = 0
+    pieces: list[tuple[int, int]] = field(default_factory=list)  # (buf_offset, length)
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+
+def plan(items: Iterable[Item]) -> list[Run]:
+    """Sort items by file position and coalesce adjacent ones into runs of <= CHUNK bytes."""
+    runs: list[Run] = []
+    cur: Run | None = None
+    for file_idx, offset, length, dst in sorted(items):
+        while length > 0:
+            if (cur is None or cur.file_idx != file_idx or cur.end != offset
+                    or cur.nbytes >= CHUNK or len(cur.pieces) >= IOV_MAX):
+                cur = Run(file_idx, offset)
+                runs.append(cur)
+            take = min(length, CHUNK - cur.nbytes)
+            cur.pieces.append((dst, take))
+            cur.nbytes += take
+            offset, dst, length = offset + take, dst + take, length - take
+    return runs
+
+
+class ShortRead(Exception):
+    """EOF before the requested range ended."""
+
+
+class Reader:
+    """Reads items of a fixed list of files; descriptors are opened on first use and kept."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = list(paths)
+        self._fds: dict[int, int] = {}
+
+    def read(self, buf: memoryview, items: list[Item],
+             progress: Callable[[], None] | None = None) -> tuple[int, str | None]:
+        """Fill buf[buf_offset:buf_offset+length] from each item's file range.
+
+        Returns (bytes read, None) or (bytes read before the failure, error message).
+        `progress` is called after every syscall.
+        """
+        if (error := self._check(buf, items)) is not None:
+            return 0, error
+        done = 0
+        for run in plan(items):
+            try:
+                self._read_run(buf, run)
+            except ShortRead as e:
+                return done, str(e)
+            except OSError as e:
+                return done, (f"{self.paths[run.file_idx]}: {e.strerror or e} while reading "
+                              f"{run.nbytes} bytes at offset {run.offset}")
+            done += run.nbytes
+            if progress is not None:
+                progress()
+        return done, None
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _check(self, buf: memoryview, items: list[Item]) -> str | None:
+        for file_idx, offset, length, dst in items:
+            if not 0 <= file_idx < len(self.paths):
+                return f"file index {file_idx} out of range ({len(self.paths)} files)"
+            if offset < 0 or length < 0 or dst < 0 or dst + length > len(buf):
+                return (f"{self.paths[file_idx]}: bad item offset={offset} length={length} "
+                        f"buf_offset={dst} (buffer is {len(buf)} bytes)")
+        return None
+
+    def _fd(self, file_idx: int) -> int:
+        fd = self._fds.get(file_idx)
+        if fd is None:
+            fd = self._fds[file_idx] = os.open(self.paths[file_idx], os.O_RDONLY)
+        return fd
+
+    def _read_run(self, buf: memoryview, run: Run) -> None:
+        fd = self._fd(run.file_idx)
+        views = [buf[d:d + n] for d, n in run.pieces]
+        offset = run.offset
+        while views:
+            got = _preadv(fd, views, offset)
+            if got == 0:
+                size = os.fstat(fd).st_size
+                raise ShortRead(f"{self.paths[run.file_idx]}: unexpected end of file at offset "
+                                f"{offset} (file is {size} bytes; wanted bytes up to {run.end})")
+            offset += got
+            views = _advance(views, got)
+
+
+def _advance(views: list[memoryview], got: int) -> list[memoryview]:
+    """Drop the first `got` bytes from a list of buffers (after a possibly short read)."""
+    i = 0
+    while i < len(views) and got >= len(views[i]):
+        got -= len(views[i])
+        i += 1
+    views = views[i:]
+    if got:
+        views[0] = views[0][got:]
+    return views
+
+
+if hasattr(os, "preadv"):
+    _preadv = os.preadv
+else:  # macOS < 11: seek + readv (each worker owns its descriptors, so this is race-free)
+    def _preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.readv(fd, buffers)
