@@ -65,6 +65,109 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return bench_main(a)
 
 
+DEMO_ARCH = "qwen3_5_moe"
+
+
+def demo_model() -> str:
+    """The tiny demo checkpoint, built on first use under the user cache."""
+    import os
+    from pathlib import Path
+
+    home = Path(os.environ.get("MOED_HOME") or Path.home() / ".cache" / "moed")
+    path = home / "models" / f"tiny-{DEMO_ARCH}"
+    if not (path / "config.json").exists():
+        from moed.daemon.synthetic import make_model
+
+        make_model(path, DEMO_ARCH, "tiny", seed=0)
+    return str(path)
+
+
+def _daemon_args(a: argparse.Namespace) -> list[str]:
+    """The `moed daemon` arguments equivalent to these `start` options."""
+    model = demo_model() if a.demo else a.model
+    if not model:
+        raise ValueError("give --model DIR (or --demo)")
+    out = ["--model", model, "--workers", str(a.workers), "--max-batch", str(a.max_batch),
+           "--max-queue", str(a.max_queue)]
+    for flag, v in (("--cache-fraction", a.cache_fraction), ("--cache-gb", a.cache_gb), ("--dtype", a.dtype),
+                    ("--http", a.http), ("--api-key", a.api_key)):
+        if v is not None:
+            out += [flag, str(v)]
+    return out
+
+
+def cmd_start(a: argparse.Namespace) -> int:
+    from moed.client import control
+
+    return control.start(_daemon_args(a))
+
+
+def cmd_daemon(a: argparse.Namespace) -> int:
+    from moed.daemon.supervisor import DaemonConfig, main as supervise
+
+    model = demo_model() if a.demo else a.model
+    if not model:
+        raise ValueError("give --model DIR (or --demo)")
+    return supervise(DaemonConfig(model=model, cache_fraction=a.cache_fraction, cache_gb=a.cache_gb,
+                                  workers=a.workers, dtype=a.dtype, max_batch=a.max_batch, max_queue=a.max_queue,
+                                  http=a.http, api_key=a.api_key))
+
+
+def cmd_stop(a: argparse.Namespace) -> int:
+    from moed.client import control
+
+    return control.stop()
+
+
+def cmd_ps(a: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from moed.client import control
+    from moed.client.render import ps_view
+
+    snap = control.status()
+    if a.json:
+        print(json.dumps(snap))
+    else:
+        Console().print(ps_view(snap))
+    return 0
+
+
+def cmd_logs(a: argparse.Namespace) -> int:
+    from moed.client import control
+
+    return control.logs(follow=a.follow, lines=a.lines)
+
+
+def _sampling(a: argparse.Namespace) -> dict:
+    return {"max_tokens": a.max_tokens, "temperature": a.temp, "seed": a.seed}
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from moed.client.client import Client
+    from moed.ipc.messages import Finished
+
+    with Client(name="moed run") as c:
+        kw = {"messages": [{"role": "user", "content": a.prompt}]} if a.chat else {"prompt": a.prompt}
+        fin = None
+        for ev in c.generate(**kw, **_sampling(a)):
+            if isinstance(ev, Finished):
+                fin = ev
+            else:
+                print(ev.text, end="", flush=True)
+    print()
+    if a.verbose and fin is not None:
+        print(f"[moed] {fin.completion_tokens} tokens, {fin.decode_tps:.2f} tok/s, ttft {fin.ttft_s:.2f} s, "
+              f"finish: {fin.reason}", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    from moed.client.chat import chat_loop
+
+    return chat_loop(_sampling(a), system=a.system)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moed", description="Paged Mixture-of-Experts inference on MLX")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -101,6 +204,41 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=2)
     b.add_argument("--dtype", choices=["float32"])
     b.set_defaults(fn=cmd_bench)
+
+    for name, fn, hlp in (("start", cmd_start, "start the daemon in the background and wait until it serves"),
+                          ("daemon", cmd_daemon, "run the daemon in the foreground (Procfile, debugging)")):
+        d = sub.add_parser(name, help=hlp)
+        d.add_argument("--model", help="checkpoint dir or Hugging Face repo id (local cache)")
+        d.add_argument("--demo", action="store_true", help="serve the tiny synthetic model (built on first use)")
+        _cache_args(d)
+        d.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+        d.add_argument("--max-queue", type=int, default=32, help="requests admitted before rejecting (default 32)")
+        d.add_argument("--http", metavar="HOST:PORT", help="serve the OpenAI-compatible API, e.g. 127.0.0.1:8000")
+        d.add_argument("--api-key", help="require this bearer token on the HTTP API")
+        d.set_defaults(fn=fn)
+
+    sub.add_parser("stop", help="stop the daemon").set_defaults(fn=cmd_stop)
+    for name in ("ps", "status"):
+        s_ = sub.add_parser(name, help="model, cache, workers, requests of the running daemon")
+        s_.add_argument("--json", action="store_true")
+        s_.set_defaults(fn=cmd_ps)
+    lg = sub.add_parser("logs", help="show (and follow) the daemon's log")
+    lg.add_argument("-f", "--follow", action="store_true")
+    lg.add_argument("-n", "--lines", type=int, default=50)
+    lg.set_defaults(fn=cmd_logs)
+
+    r = sub.add_parser("run", help="stream an answer from the running daemon")
+    r.add_argument("prompt")
+    r.add_argument("--chat", action="store_true", help="apply the chat template")
+    r.add_argument("-v", "--verbose", action="store_true", help="print timing after the answer")
+    c = sub.add_parser("chat", help="interactive chat with the running daemon")
+    c.add_argument("--system", help="system prompt")
+    for q in (r, c):
+        q.add_argument("--max-tokens", type=int, default=256)
+        q.add_argument("--temp", type=float, default=0.0)
+        q.add_argument("--seed", type=int)
+    r.set_defaults(fn=cmd_run)
+    c.set_defaults(fn=cmd_chat)
     return p
 
 
@@ -113,6 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
         print(f"moed: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from moed.client.client import MoedError
+
+        if not isinstance(e, MoedError):
+            raise
+        print(f"moed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

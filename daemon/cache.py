@@ -94,5 +94,9 @@ class LayerSlots:
                 self.lut[e] = -1
                 self._free.append(slot)
 
+    @property
+    def used(self) -> int:
+        return len(self._lru)
+
     def resident(self) -> list[int]:
         return list(self._lru)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -172,7 +173,8 @@ class PagedModel:
 
 
 def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_gb: float | None = None,
-               workers: int = 2, dtype: str | None = None) -> PagedModel:
+               workers: int = 2, dtype: str | None = None,
+               progress: Callable[[str, float], None] | None = None) -> PagedModel:
     """Load a checkpoint with resident non-expert weights and a bounded expert cache.
 
     Args:
@@ -182,7 +184,10 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
         workers: I/O worker processes.
         dtype: cast floating weights and scales to this dtype ("float32"), at load and as
             experts are paged in.
+        progress: called with (phase, fraction done) as loading goes.
     """
+    report = progress or (lambda phase, done: None)
+    report("building the model", 0.0)
     path = resolve_model(model)
     cast = DTYPES[dtype] if dtype else None
     mx.set_cache_limit(MLX_CACHE_LIMIT)
@@ -195,12 +200,14 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
     switches = find_switches(net)
     if not switches:
         raise CheckpointError(f"{path}: no SwitchGLU/SwitchMLP layers, not a mixture-of-experts model")
+    report("indexing experts", 0.05)
     table = TensorTable(path)
     layers = [table.expert_layer(p, {k: v.shape for k, v in tree_flatten(m.parameters())})
               for p, m in switches]
     top_k = top_k_of(config)
     n_slots = slots_per_layer(layers, top_k, cast, cache_fraction, cache_gb)
     staging = max(n * layer.expert_nbytes for n, layer in zip(n_slots, layers))
+    report("starting I/O workers", 0.1)
     fetcher = Fetcher([str(f) for f in table.files], workers=workers, staging_bytes=staging).start()
     try:
         store = ExpertStore(layers, n_slots, fetcher, cast)
@@ -208,13 +215,20 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
             params = [k for k, _ in tree_flatten(m.parameters())]
             m.update(tree_unflatten([(k, pool.array) for k, pool in zip(params, store.pools[i])]))
             set_module(net, p, PagedSwitch(m, store, i))
-        non_expert = sum(v.nbytes for k, v in tree_flatten(net.parameters()) if ".inner." not in k)
-        mx.eval(net.parameters())  # reads the non-expert weights only
+        resident = [v for k, v in tree_flatten(net.parameters()) if ".inner." not in k]
+        non_expert = sum(v.nbytes for v in resident)
+        done = 0
+        for v in resident:  # reads the non-expert weights only
+            mx.eval(v)
+            done += v.nbytes
+            report("loading resident weights", 0.15 + 0.8 * done / max(1, non_expert))
+        report("loading the tokenizer", 0.95)
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     except BaseException:
         fetcher.close()
         raise
     expert_bytes = sum(layer.expert_nbytes * layer.num_experts for layer in layers)
+    report("ready", 1.0)
     return PagedModel(net, tokenizer, config, path, store, fetcher, non_expert, expert_bytes, top_k,
                       info={"moe_layers": len(layers), "slots_per_layer": n_slots,
                             "experts_per_layer": [layer.num_experts for layer in layers],

@@ -100,6 +100,8 @@ def _fail(want: str, value: Any) -> typing.NoReturn:
 def _checker(tp: Any) -> Checker:
     """Compile a field annotation into a checker (exact types: a bool is not an int)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is typing.Any:  # free-form msgpack value (status snapshots)
+        return lambda v: v
     if tp is type(None) or tp is None:
         return lambda v: v if v is None else _fail("None", v)
     if tp in (int, str, bool, bytes):

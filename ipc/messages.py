@@ -17,7 +17,7 @@ Code ranges: 0x01-0x1f worker <-> supervisor; 0x20-0x5f daemon <-> client (later
 from __future__ import annotations
 
 from dataclasses import dataclass, is_dataclass
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 PROTOCOL_VERSION = 1
 
@@ -90,4 +90,105 @@ class Heartbeat:
 @message(0x06)
 @dataclass(slots=True)
 class Shutdown:
+    pass
+
+
+# --- client <-> daemon --------------------------------------------------------------------------
+# A client's DEALER sends Hello (with the token from the connection file) before anything else; the
+# daemon answers Welcome or Error("unauthorized"). Generate streams Token messages, then exactly one
+# Finished or Error for that req_id. Every request is answered, never dropped: a failed one gets an
+# Error naming why (rejected, bad_request, unauthorized, shutdown, internal).
+
+
+@message(0x20)
+@dataclass(slots=True)
+class Hello:
+    token: str
+    client: str  # a name for `moed ps`, e.g. "moed run" or "openai-http"
+    pid: int
+    version: int = PROTOCOL_VERSION
+
+
+@message(0x21)
+@dataclass(slots=True)
+class Welcome:
+    model: str
+    daemon_pid: int
+    version: int = PROTOCOL_VERSION
+
+
+@message(0x22)
+@dataclass(slots=True)
+class Generate:
+    req_id: str
+    prompt: str | None = None  # raw text, tokenized as mlx-lm's stream_generate does
+    messages: list[dict[str, str]] | None = None  # chat: the model's chat template applies
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] | None = None
+
+
+@message(0x23)
+@dataclass(slots=True)
+class Token:
+    req_id: str
+    text: str  # the next decoded segment (may be empty)
+    token: int
+    index: int  # position in the completion, from 0
+
+
+@message(0x24)
+@dataclass(slots=True)
+class Finished:
+    req_id: str
+    reason: str  # "stop", "length", "abort" or "shutdown"
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    decode_tps: float
+
+
+@message(0x25)
+@dataclass(slots=True)
+class Abort:
+    req_id: str
+
+
+@message(0x26)
+@dataclass(slots=True)
+class StatusQuery:
+    pass
+
+
+@message(0x27)
+@dataclass(slots=True)
+class Status:
+    snapshot: dict[str, Any]
+
+
+@message(0x28)
+@dataclass(slots=True)
+class Error:
+    req_id: str | None
+    code: str  # rejected | bad_request | unauthorized | shutdown | internal | protocol
+    message: str
+
+
+@message(0x29)
+@dataclass(slots=True)
+class Ping:
+    seq: int
+
+
+@message(0x2A)
+@dataclass(slots=True)
+class Pong:
+    seq: int
+
+
+@message(0x2B)
+@dataclass(slots=True)
+class StopDaemon:
     pass

@@ -97,3 +97,13 @@ def segments(prefix: str = PREFIX) -> list[str] | None:
     if not os.path.isdir(_SHM_DIR):
         return None
     return sorted(n for n in os.listdir(_SHM_DIR) if n.startswith(prefix))
+
+
+def unlink_name(name: str) -> None:
+    """Remove a segment by name (e.g. one left by a killed process)."""
+    try:
+        seg = attach(name)
+    except FileNotFoundError:
+        return
+    unlink(seg)
+    close(seg)

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 
 from moed.daemon.generate import SamplingParams, run
 from moed.daemon.model import load_paged

@@ -1,0 +1,298 @@
+"""The client library: attach to the running daemon, stream generations, ask for status.
+
+    from moed.client import Client
+    with Client() as c:
+        for ev in c.generate("Hello", max_tokens=32):
+            print(ev.text, end="")
+
+Imports only `moed.ipc` (no MLX). A Client is one DEALER socket: use it from one thread; open
+one per thread or use AsyncClient. A dead daemon raises DaemonDied within ~2 s, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+import uuid
+from collections import defaultdict, deque
+from typing import AsyncIterator, Iterator
+
+import psutil
+import zmq
+import zmq.asyncio
+
+from moed.ipc.codec import ProtocolError, decode, encode
+from moed.ipc.connection import daemon_files, read_connection
+from moed.ipc.messages import (Abort, Error, Finished, Generate, Hello, Ping, Pong, Status, StatusQuery,
+                               StopDaemon, Token, Welcome)
+
+POLL_S = 0.2  # how often a waiting client checks the daemon is alive
+PING_AFTER_S = 0.5  # silence before the client pings
+DEAD_AFTER_S = 2.0  # silence (no answer to pings) after which the daemon is declared dead
+
+
+class MoedError(Exception):
+    """Base of moed's client errors."""
+
+
+class DaemonNotRunning(MoedError):
+    """No daemon to attach to."""
+
+
+class DaemonDied(MoedError):
+    """The daemon went away while this client was waiting on it."""
+
+
+class RequestRejected(MoedError):
+    """The daemon refused or failed a request; `code` says why (rejected, bad_request, ...)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code, self.reason = code, message
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _connection(runtime_dir) -> dict:
+    files = daemon_files(runtime_dir)
+    info = read_connection(files)
+    if info is None:
+        raise DaemonNotRunning(f"no moed daemon is running (no live {files.connection}); start one with `moed start`")
+    return info
+
+
+def _request(req_id, prompt, messages, max_tokens, temperature, top_p, seed, stop) -> Generate:
+    return Generate(req_id or uuid.uuid4().hex[:12], prompt=prompt, messages=messages, max_tokens=max_tokens,
+                    temperature=float(temperature), top_p=float(top_p), seed=seed, stop=stop)
+
+
+def _raise_error(msg: Error):
+    raise RequestRejected(msg.code, msg.message)
+
+
+class _Liveness:
+    """Paranoid-Pirate style: any message resets it; silence sends pings, then declares death."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.last_heard = time.monotonic()
+        self.seq = itertools.count()
+
+    def heard(self) -> None:
+        self.last_heard = time.monotonic()
+
+    def check(self) -> bool:
+        """Raise DaemonDied if dead; True if a ping should be sent now."""
+        silent = time.monotonic() - self.last_heard
+        if not _alive(self.pid) or silent > DEAD_AFTER_S:
+            raise DaemonDied(f"the moed daemon (pid {self.pid}) died")
+        return silent > PING_AFTER_S
+
+
+class Client:
+    """A synchronous client of the running daemon.
+
+    Args:
+        runtime_dir: where the daemon's connection file is (default: the per-user runtime dir).
+        name: shown by `moed ps` next to this client's requests.
+    """
+
+    def __init__(self, runtime_dir: str | None = None, name: str = "python"):
+        info = _connection(runtime_dir)
+        self.info = info
+        self._live = _Liveness(int(info["pid"]))
+        self._sock = zmq.Context.instance().socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(info["endpoint"])
+        self._mail: dict[str | None, deque] = defaultdict(deque)
+        self._send(Hello(info["token"], name, os.getpid()))
+        reply = self._next(lambda m: isinstance(m, (Welcome, Error)) and getattr(m, "req_id", None) is None)
+        if isinstance(reply, Error):
+            self.close()
+            _raise_error(reply)
+        self.model = reply.model
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _send(self, msg) -> None:
+        self._sock.send_multipart(encode(msg), copy=False)
+
+    def _next(self, want, timeout: float | None = None):
+        """The next message satisfying `want`, keeping others for later readers."""
+        for key, box in self._mail.items():
+            for i, m in enumerate(box):
+                if want(m):
+                    del box[i]
+                    return m
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._sock.poll(int(POLL_S * 1000)):
+                try:
+                    msg = decode(self._sock.recv_multipart())
+                except ProtocolError:
+                    continue
+                self._live.heard()
+                if isinstance(msg, Pong):
+                    continue
+                if want(msg):
+                    return msg
+                self._mail[getattr(msg, "req_id", None)].append(msg)
+            else:
+                if self._live.check():
+                    self._send(Ping(next(self._live.seq)))
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("no answer from the moed daemon")
+
+    # ------------------------------------------------------------------ API
+
+    def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None, max_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 0.0, seed: int | None = None,
+                 stop: list[str] | None = None, req_id: str | None = None) -> Iterator[Token | Finished]:
+        """Stream a completion: Token events, then one Finished. Closing the iterator aborts it."""
+        req = _request(req_id, prompt, messages, max_tokens, temperature, top_p, seed, stop)
+        self._send(req)
+        done = False
+        try:
+            while not done:
+                msg = self._next(lambda m: getattr(m, "req_id", None) == req.req_id)
+                if isinstance(msg, Error):
+                    done = True
+                    _raise_error(msg)
+                done = isinstance(msg, Finished)
+                yield msg
+        finally:
+            if not done:
+                self._send(Abort(req.req_id))
+
+    def chat(self, messages: list[dict], **kw) -> Iterator[Token | Finished]:
+        """Like generate, with the model's chat template applied to `messages`."""
+        return self.generate(messages=messages, **kw)
+
+    def complete(self, prompt: str | None = None, **kw) -> tuple[str, list[int], Finished]:
+        """Run a generation to the end: (text, token ids, Finished)."""
+        text, ids, fin = "", [], None
+        for ev in self.generate(prompt, **kw):
+            if isinstance(ev, Token):
+                text += ev.text
+                ids.append(ev.token)
+            else:
+                fin = ev
+        return text, ids, fin
+
+    def status(self) -> dict:
+        self._send(StatusQuery())
+        return self._next(lambda m: isinstance(m, Status)).snapshot
+
+    def abort(self, req_id: str) -> None:
+        self._send(Abort(req_id))
+
+    def stop_daemon(self) -> None:
+        """Ask the daemon to shut down (streams end with reason "shutdown")."""
+        self._send(StopDaemon())
+
+    def close(self) -> None:
+        self._sock.close(0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class AsyncClient:
+    """The asyncio variant of Client (same protocol, same errors)."""
+
+    def __init__(self, runtime_dir: str | None = None, name: str = "python-async"):
+        self.info = _connection(runtime_dir)
+        self._name = name
+        self._live = _Liveness(int(self.info["pid"]))
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock = None
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._status: asyncio.Future | None = None
+        self._reader: asyncio.Task | None = None
+        self.model = None
+
+    async def connect(self) -> "AsyncClient":
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.info["endpoint"])
+        welcome = asyncio.get_running_loop().create_future()
+        self._status = welcome
+        await self._send(Hello(self.info["token"], self._name, os.getpid()))
+        self._reader = asyncio.create_task(self._read())
+        reply = await welcome
+        if isinstance(reply, Error):
+            await self.close()
+            _raise_error(reply)
+        self.model = reply.model
+        return self
+
+    async def _send(self, msg) -> None:
+        await self._sock.send_multipart(encode(msg))
+
+    async def _read(self) -> None:
+        """Route incoming messages to per-request queues; declare death on silence."""
+        try:
+            while True:
+                if await self._sock.poll(int(POLL_S * 1000)):
+                    try:
+                        msg = decode(await self._sock.recv_multipart())
+                    except ProtocolError:
+                        continue
+                    self._live.heard()
+                    rid = getattr(msg, "req_id", None)
+                    if rid is not None and rid in self._queues:
+                        self._queues[rid].put_nowait(msg)
+                    elif isinstance(msg, (Welcome, Status, Error)) and self._status and not self._status.done():
+                        self._status.set_result(msg)
+                elif self._live.check():
+                    await self._send(Ping(next(self._live.seq)))
+        except DaemonDied as e:
+            for q in self._queues.values():
+                q.put_nowait(e)
+            if self._status and not self._status.done():
+                self._status.set_exception(e)
+
+    async def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
+                       max_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.0,
+                       seed: int | None = None, stop: list[str] | None = None,
+                       req_id: str | None = None) -> AsyncIterator[Token | Finished]:
+        req = _request(req_id, prompt, messages, max_tokens, temperature, top_p, seed, stop)
+        q = self._queues[req.req_id] = asyncio.Queue()
+        await self._send(req)
+        done = False
+        try:
+            while not done:
+                msg = await q.get()
+                if isinstance(msg, BaseException):
+                    done = True
+                    raise msg
+                if isinstance(msg, Error):
+                    done = True
+                    _raise_error(msg)
+                done = isinstance(msg, Finished)
+                yield msg
+        finally:
+            self._queues.pop(req.req_id, None)
+            if not done:
+                await self._send(Abort(req.req_id))
+
+    async def status(self) -> dict:
+        self._status = asyncio.get_running_loop().create_future()
+        await self._send(StatusQuery())
+        return (await self._status).snapshot
+
+    async def close(self) -> None:
+        if self._reader:
+            self._reader.cancel()
+        if self._sock is not None:
+            self._sock.close(0)

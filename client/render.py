@@ -1,0 +1,50 @@
+"""Pure functions: a daemon status snapshot -> rich renderables (for `moed ps`)."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+
+
+def mb(n: float | None) -> str:
+    return "-" if n is None else f"{n / 1e6:,.0f} MB"
+
+
+def overview_table(s: dict) -> Table:
+    cache = s.get("cache", {})
+    t = Table(title="moed", show_header=False, title_justify="left")
+    t.add_column("", style="bold")
+    t.add_column("")
+    used = sum(cache.get("used_slots", [])) / max(1, sum(cache.get("slots_per_layer", []) or [1]))
+    rows = [
+        ("model", f"{s.get('model')} ({s.get('arch', '?')}, {s.get('quantization', '?')}-bit)"),
+        ("state", f"{s.get('state')}" + ("" if s.get("state") == "ready" else f" - {s['progress']['phase']}")),
+        ("daemon", f"pid {s.get('pid')}, up {s.get('uptime_s', 0):.0f} s, RSS {mb(s.get('rss_bytes'))}"),
+        ("cache", f"{mb(cache.get('budget_bytes'))} of {mb(s.get('expert_bytes'))} experts, "
+                  f"{used:.0%} of slots filled, hit rate {cache.get('hit_rate', 0):.1%}"),
+        ("disk", f"{mb(cache.get('bytes_read'))} read"),
+        ("decode", f"{s.get('decode_tps', 0):.2f} tok/s"),
+        ("workers", ", ".join(f"{w['pid']}{'' if w['alive'] else ' (dead)'}" for w in s.get("workers", [])) or "-"),
+        ("requests", f"{len(s.get('requests', []))} active, {s.get('totals', {}).get('requests', 0)} total"),
+        ("http", s.get("http") or "-"),
+    ]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    return t
+
+
+def requests_table(s: dict) -> Table:
+    t = Table(title="active requests", title_justify="left")
+    for c in ("id", "client", "state", "prompt", "tokens", "tok/s"):
+        t.add_column(c)
+    for r in s.get("requests", []):
+        t.add_row(r["id"].split(":", 1)[-1], r["client"], r["state"], str(r["prompt_tokens"]),
+                  f"{r['tokens']}/{r['max_tokens']}", f"{r['tps']:.2f}")
+    return t
+
+
+def ps_view(s: dict) -> Group:
+    parts = [overview_table(s)]
+    if s.get("requests"):
+        parts.append(requests_table(s))
+    return Group(*parts)

@@ -1,0 +1,226 @@
+"""The engine core: admit requests, step the model with continuous batching, emit events.
+
+No sockets here (see frontend.py): the supervisor feeds `add`/`abort` and ships what `step`
+returns, and tests can drive the same core in-process. Batching is mlx-lm's BatchGenerator over the
+paged model, so every MoE layer of a step loads the union of the batch's experts once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import make_sampler
+
+from moed.ipc.messages import Error, Finished, Generate, Token
+
+THROUGHPUT_WINDOW_S = 60.0
+
+
+class RequestRejected(Exception):
+    """A request the core will not run; `code` is "rejected" (load) or "bad_request" (input)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Request:
+    req_id: str
+    client: str
+    prompt_ids: list[int]
+    max_tokens: int
+    stop: list[str]
+    uid: int = -1
+    detok: object = None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of `text` already emitted
+    t_arrival: float = field(default_factory=time.perf_counter)
+    t_first: float = 0.0
+
+
+def context_length(config: dict) -> int:
+    for cfg in (config, config.get("text_config", {})):
+        for key in ("max_position_embeddings", "max_seq_len", "n_positions"):
+            if key in cfg:
+                return int(cfg[key])
+    return 4096
+
+
+class EngineCore:
+    """Continuous batching over one loaded model.
+
+    Args:
+        model: the (paged) mlx-lm model.
+        tokenizer: mlx-lm's TokenizerWrapper.
+        max_batch: sequences decoded together in one step.
+        max_queue: admitted requests (running + waiting) beyond which new ones are rejected.
+        context: the model's context length (prompt + completion must fit).
+    """
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 32, context: int = 4096):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_queue, self.context = max_queue, context
+        self.eos = set(tokenizer.eos_token_ids)
+        self.gen = BatchGenerator(model, stop_tokens=[[t] for t in sorted(self.eos)],
+                                  completion_batch_size=max_batch, prefill_batch_size=max_batch)
+        self.requests: dict[str, Request] = {}
+        self.by_uid: dict[int, Request] = {}
+        self.decoded: deque[tuple[float, int]] = deque()  # (time, tokens) per step, for tok/s
+        self.totals = {"requests": 0, "completed": 0, "rejected": 0, "aborted": 0,
+                       "prompt_tokens": 0, "completion_tokens": 0}
+
+    # ---------------------------------------------------------------- admission
+
+    def encode(self, g: Generate) -> list[int]:
+        """Prompt ids: raw text as stream_generate tokenizes it, or the chat template."""
+        if g.messages is not None:
+            for m in g.messages:
+                if set(m) - {"role", "content", "name"} or m.get("role") not in ("system", "user", "assistant", "tool"):
+                    raise RequestRejected("bad_request", f"bad chat message {m!r:.80}")
+            return list(self.tokenizer.apply_chat_template(g.messages, add_generation_prompt=True))
+        if g.prompt is None:
+            raise RequestRejected("bad_request", "a request needs a prompt or messages")
+        bos = self.tokenizer.bos_token
+        return self.tokenizer.encode(g.prompt, add_special_tokens=bos is None or not g.prompt.startswith(bos))
+
+    def add(self, g: Generate, client: str = "") -> None:
+        """Admit a request or raise RequestRejected with the reason."""
+        try:
+            self._admit(g, client)
+        except RequestRejected:
+            self.totals["rejected"] += 1
+            raise
+
+    def _admit(self, g: Generate, client: str) -> None:
+        if g.req_id in self.requests:
+            raise RequestRejected("bad_request", f"request id {g.req_id!r} is already running")
+        if g.max_tokens < 1:
+            raise RequestRejected("bad_request", f"max_tokens must be at least 1, got {g.max_tokens}")
+        if not (0 <= g.temperature <= 100) or not (0 <= g.top_p <= 1):
+            raise RequestRejected("bad_request", "temperature must be in [0, 100] and top_p in [0, 1]")
+        if len(self.requests) >= self.max_queue:
+            raise RequestRejected("rejected", f"queue full: {len(self.requests)} requests running or waiting "
+                                              f"(limit {self.max_queue}); retry later")
+        ids = self.encode(g)
+        if not ids:
+            raise RequestRejected("bad_request", "the prompt is empty")
+        if len(ids) >= self.context:
+            raise RequestRejected("bad_request", f"prompt of {len(ids)} tokens does not fit the model's "
+                                                 f"context of {self.context} tokens")
+        req = Request(g.req_id, client, ids, min(g.max_tokens, self.context - len(ids)), list(g.stop or []))
+        req.detok = self.tokenizer.detokenizer
+        if g.seed is not None and not self.requests:
+            mx.random.seed(g.seed)  # reproducible when it runs alone; a batch shares one generator
+        sampler = make_sampler(temp=g.temperature, top_p=g.top_p)
+        (req.uid,) = self.gen.insert([ids], max_tokens=[req.max_tokens], samplers=[sampler])
+        self.requests[req.req_id] = req
+        self.by_uid[req.uid] = req
+        self.totals["requests"] += 1
+        self.totals["prompt_tokens"] += len(ids)
+
+    def abort(self, req_id: str, reason: str = "abort") -> list:
+        """Stop a request; returns its Finished event (nothing if unknown)."""
+        req = self.requests.get(req_id)
+        if req is None:
+            return []
+        self.gen.remove([req.uid])
+        self.totals["aborted"] += reason == "abort"
+        return [self._finish(req, reason)]
+
+    def shutdown(self) -> list:
+        """End every request with reason "shutdown"."""
+        return [e for rid in list(self.requests) for e in self.abort(rid, "shutdown")]
+
+    # ---------------------------------------------------------------- stepping
+
+    def has_work(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list:
+        """One model step for the whole batch; returns Token/Finished/Error events."""
+        try:
+            responses = self.gen.next_generated()
+        except Exception as e:  # a failed step (e.g. an unreadable shard) fails the batch, not the daemon
+            return self._fail_all(e)
+        now = time.perf_counter()
+        self.decoded.append((now, len(responses)))
+        while self.decoded and now - self.decoded[0][0] > THROUGHPUT_WINDOW_S:
+            self.decoded.popleft()
+        events = []
+        for r in responses:
+            req = self.by_uid.get(r.uid)
+            if req is not None:
+                events += self._on_token(req, r.token, r.finish_reason, now)
+        return events
+
+    def _on_token(self, req: Request, token: int, finish: str | None, now: float) -> list:
+        if not req.tokens:
+            req.t_first = now
+        if finish == "stop" and token in self.eos:
+            return [self._finish(req, "stop")]
+        req.tokens.append(token)
+        req.detok.add_token(token)
+        if finish:
+            req.detok.finalize()
+        req.text += req.detok.last_segment
+        hit = self._stop_hit(req)
+        if hit is not None:
+            req.text = req.text[:hit]
+            finish = "stop"
+            self.gen.remove([req.uid])
+        events = [Token(req.req_id, req.text[req.sent:], token, len(req.tokens) - 1)]
+        req.sent = len(req.text)
+        if finish:
+            events.append(self._finish(req, finish))
+        return events
+
+    def _stop_hit(self, req: Request) -> int | None:
+        hits = [i for s in req.stop if s and (i := req.text.find(s, max(0, req.sent - len(s)))) >= 0]
+        return min(hits) if hits else None
+
+    def _finish(self, req: Request, reason: str) -> Finished:
+        del self.requests[req.req_id]
+        self.by_uid.pop(req.uid, None)
+        n = len(req.tokens)
+        self.totals["completed"] += reason in ("stop", "length")
+        self.totals["completion_tokens"] += n
+        decode_s = time.perf_counter() - req.t_first if req.t_first else 0.0
+        return Finished(req.req_id, reason, len(req.prompt_ids), n,
+                        ttft_s=(req.t_first - req.t_arrival) if req.t_first else 0.0,
+                        decode_tps=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0)
+
+    def _fail_all(self, exc: Exception) -> list:
+        events = []
+        for req in list(self.requests.values()):
+            self.gen.remove([req.uid])
+            del self.requests[req.req_id]
+            self.by_uid.pop(req.uid, None)
+            events.append(Error(req.req_id, "internal", f"generation failed: {exc}"))
+        return events
+
+    # ---------------------------------------------------------------- status
+
+    def decode_tps(self) -> float:
+        if len(self.decoded) < 2:
+            return 0.0
+        span = self.decoded[-1][0] - self.decoded[0][0]
+        return sum(n for _, n in list(self.decoded)[1:]) / span if span > 0 else 0.0
+
+    def snapshot(self) -> dict:
+        now = time.perf_counter()
+        reqs = []
+        for r in self.requests.values():
+            dt = now - r.t_first if r.t_first else 0.0
+            reqs.append({"id": r.req_id, "client": r.client, "prompt_tokens": len(r.prompt_ids),
+                         "tokens": len(r.tokens), "max_tokens": r.max_tokens,
+                         "state": "decoding" if r.tokens else "prefill",
+                         "tps": (len(r.tokens) - 1) / dt if len(r.tokens) > 1 and dt > 0 else 0.0,
+                         "age_s": now - r.t_arrival})
+        return {"requests": reqs, "decode_tps": self.decode_tps(), "totals": dict(self.totals),
+                "max_queue": self.max_queue, "context": self.context}
