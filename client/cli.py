@@ -162,6 +162,12 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_top(a: argparse.Namespace) -> int:
+    from moed.client.top import main as top_main
+
+    return top_main(interval=a.interval)
+
+
 def cmd_chat(a: argparse.Namespace) -> int:
     from moed.client.chat import chat_loop
 
@@ -222,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
         s_ = sub.add_parser(name, help="model, cache, workers, requests of the running daemon")
         s_.add_argument("--json", action="store_true")
         s_.set_defaults(fn=cmd_ps)
+    t = sub.add_parser("top", help="live dashboard of the running daemon (q to quit)")
+    t.add_argument("--interval", type=float, default=0.5, help="seconds between refreshes")
+    t.set_defaults(fn=cmd_top)
     lg = sub.add_parser("logs", help="show (and follow) the daemon's log")
     lg.add_argument("-f", "--follow", action="store_true")
     lg.add_argument("-n", "--lines", type=int, default=50)

@@ -212,6 +212,11 @@ class EngineCore:
         span = self.decoded[-1][0] - self.decoded[0][0]
         return sum(n for _, n in list(self.decoded)[1:]) / span if span > 0 else 0.0
 
+    def prefill_tps(self) -> float:
+        """Prompt tokens per second of prefill, over the generator's lifetime."""
+        c = self.gen._counters
+        return c.prompt_tokens / c.prompt_time if c.prompt_time > 0 else 0.0
+
     def snapshot(self) -> dict:
         now = time.perf_counter()
         reqs = []
@@ -222,5 +227,6 @@ class EngineCore:
                          "state": "decoding" if r.tokens else "prefill",
                          "tps": (len(r.tokens) - 1) / dt if len(r.tokens) > 1 and dt > 0 else 0.0,
                          "age_s": now - r.t_arrival})
-        return {"requests": reqs, "decode_tps": self.decode_tps(), "totals": dict(self.totals),
+        return {"requests": reqs, "decode_tps": self.decode_tps(), "prefill_tps": self.prefill_tps(),
+                "kv_cache_bytes": self.gen.prompt_cache_nbytes, "totals": dict(self.totals),
                 "max_queue": self.max_queue, "context": self.context}

@@ -23,6 +23,7 @@ MX_DTYPES = {
     "U8": mx.uint8, "I8": mx.int8, "U16": mx.uint16, "I32": mx.int32,
 }
 FLOATS = {"F32", "F16", "BF16"}
+HEAT_DECAY = 0.95
 
 
 class Reader(Protocol):
@@ -82,10 +83,15 @@ class ExpertStore:
         self.slots = [LayerSlots(n, layer.num_experts) for layer, n in zip(layers, n_slots)]
         n = len(layers)
         self.stats = CacheStats(layer_hits=[0] * n, layer_misses=[0] * n)
+        # recent use per (layer, expert), decayed once per model step (half-life ~14 steps)
+        self.heat = np.zeros((n, max(layer.num_experts for layer in layers)), dtype=np.float32)
 
     def ensure(self, layer: int, experts: np.ndarray) -> np.ndarray:
         """Make `experts` (unique, at most the layer's slots) resident; return the layer's LUT."""
         slots = self.slots[layer]
+        if layer == 0:
+            self.heat *= HEAT_DECAY
+        self.heat[layer, experts] += 1
         hits, filled = slots.assign(experts)
         self.stats.hits += hits
         self.stats.misses += len(filled)

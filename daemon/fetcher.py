@@ -203,6 +203,12 @@ class Fetcher:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def worker_states(self) -> list[dict]:
+        """Per worker: pid, alive, queued bytes (its outstanding Read), restarts (for status)."""
+        return [{"pid": w.proc.pid, "alive": w.proc.poll() is None,
+                 "queued_bytes": sum(it[2] for it in w.pending.items) if w.pending else 0,
+                 "restarts": w.restarts} for w in list(self._workers)]
+
     @property
     def pids(self) -> list[int]:
         return [w.proc.pid for w in self._workers]

@@ -133,8 +133,9 @@ def slots_per_layer(layers: list[ExpertLayer], top_k: int, cast: mx.Dtype | None
     """
     per = [cached_expert_nbytes(layer, cast) for layer in layers]
     if fraction is None and gb is None:
-        gb = min(sum(p * layer.num_experts for p, layer in zip(per, layers)),
-                 psutil.virtual_memory().total // 2) / 1e9
+        total = sum(p * layer.num_experts for p, layer in zip(per, layers))
+        half_ram = psutil.virtual_memory().total // 2
+        fraction, gb = (1.0, None) if total <= half_ram else (None, half_ram / 1e9)
     if fraction is not None:
         if not 0 < fraction <= 1:
             raise ValueError(f"--cache-fraction must be in (0, 1], got {fraction}")

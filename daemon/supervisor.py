@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import psutil
 
 from moed.daemon.core import EngineCore, RequestRejected, context_length
@@ -214,6 +215,7 @@ class Supervisor:
                 "clients": len(self.frontend.clients), **core}
         pm = self.pm
         if pm is not None and self.state != "loading":
+            snap_workers = pm.fetcher.worker_states()
             st = pm.store.stats
             cfg = pm.config.get("text_config", pm.config)
             snap.update({
@@ -225,9 +227,25 @@ class Supervisor:
                           "experts_per_layer": pm.info["experts_per_layer"],
                           "used_slots": [s.used for s in pm.store.slots],
                           **st.as_dict()},
-                "workers": [{"pid": pid, "alive": psutil.pid_exists(pid)} for pid in pm.fetcher.pids],
+                "workers": pm.fetcher.worker_states(),
+                "io": {"read_calls": pm.fetcher.stats.read_calls, "reads": pm.fetcher.stats.reads,
+                       "bytes_read": pm.fetcher.stats.bytes_read, "read_seconds": pm.fetcher.stats.read_seconds,
+                       "respawns": pm.fetcher.stats.respawns,
+                       "in_flight": sum(1 for w in snap_workers if w["queued_bytes"])},
+                "heat": {"values": [[round(float(v), 2) for v in row] for row in pm.store.heat],
+                         "resident": [[int(e) for e in np.nonzero(s.lut >= 0)[0]] for s in pm.store.slots]},
+                "memory": self._memory(snap["rss_bytes"]),
             })
         return snap
+
+
+    def _memory(self, rss: int) -> dict:
+        """RSS split into resident weights, expert cache, KV cache and the rest."""
+        pm = self.pm
+        kv = self._core_snapshot.get("kv_cache_bytes", 0)
+        parts = {"resident_weights": pm.non_expert_bytes, "expert_cache": pm.info["cache_bytes"],
+                 "kv_cache": kv}
+        return {"rss": rss, **parts, "other": max(0, rss - sum(parts.values()))}
 
 
 def main(cfg: DaemonConfig) -> int:
