@@ -73,7 +73,7 @@ class EngineCore:
         self.by_uid: dict[int, Request] = {}
         self.decoded: deque[tuple[float, int]] = deque()  # (time, tokens) per step, for tok/s
         self.totals = {"requests": 0, "completed": 0, "rejected": 0, "aborted": 0,
-                       "prompt_tokens": 0, "completion_tokens": 0}
+                       "prompt_tokens": 0, "completion_tokens": 0, "peak_active": 0}
 
     # ---------------------------------------------------------------- admission
 
@@ -123,6 +123,7 @@ class EngineCore:
         self.by_uid[req.uid] = req
         self.totals["requests"] += 1
         self.totals["prompt_tokens"] += len(ids)
+        self.totals["peak_active"] = max(self.totals["peak_active"], len(self.requests))
 
     def abort(self, req_id: str, reason: str = "abort") -> list:
         """Stop a request; returns its Finished event (nothing if unknown)."""
@@ -174,11 +175,19 @@ class EngineCore:
             req.text = req.text[:hit]
             finish = "stop"
             self.gen.remove([req.uid])
-        events = [Token(req.req_id, req.text[req.sent:], token, len(req.tokens) - 1)]
-        req.sent = len(req.text)
+        # hold back a tail that may be the start of a stop string; flush it at the end
+        upto = len(req.text) if finish else len(req.text) - self._held(req)
+        events = [Token(req.req_id, req.text[req.sent:upto], token, len(req.tokens) - 1)]
+        req.sent = max(req.sent, upto)
         if finish:
             events.append(self._finish(req, finish))
         return events
+
+    @staticmethod
+    def _held(req: Request) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        return max((n for s in req.stop for n in range(min(len(s) - 1, len(req.text)), 0, -1)
+                    if req.text.endswith(s[:n])), default=0)
 
     def _stop_hit(self, req: Request) -> int | None:
         hits = [i for s in req.stop if s and (i := req.text.find(s, max(0, req.sent - len(s)))) >= 0]

@@ -12,8 +12,9 @@ import pytest
 
 from moed.ipc import runtime, shm
 from moed.ipc.codec import MAX_PAYLOAD, ProtocolError, decode, encode
-from moed.ipc.messages import (REGISTRY, Configure, Heartbeat, Read, ReadDone, Ready, Shutdown,
-                               message)
+from moed.ipc.messages import (REGISTRY, Abort, Configure, Error, Finished, Generate, Heartbeat, Hello, Ping,
+                               Pong, Read, ReadDone, Ready, Shutdown, Status, StatusQuery, StopDaemon, Token,
+                               Welcome, message)
 
 SAMPLES = [
     Ready(worker_id=3, pid=12345),
@@ -25,6 +26,19 @@ SAMPLES = [
     ReadDone(req_id=9, nbytes=0, error="/x: unexpected end of file at offset 5"),
     Heartbeat(),
     Shutdown(),
+    Hello(token="t0k", client="moed run", pid=42),
+    Welcome(model="tiny", daemon_pid=7),
+    Generate(req_id="r1", prompt="hi", max_tokens=5, temperature=0.7, top_p=0.9, seed=1, stop=["\n"]),
+    Generate(req_id="r2", messages=[{"role": "user", "content": "hé"}]),
+    Token(req_id="r1", text="ab", token=17, index=0),
+    Finished(req_id="r1", reason="length", prompt_tokens=3, completion_tokens=5, ttft_s=0.1, decode_tps=9.5),
+    Abort(req_id="r1"),
+    StatusQuery(),
+    Status(snapshot={"state": "ready", "cache": {"hits": [1, 2]}, "x": None, "f": 1.5}),
+    Error(req_id=None, code="protocol", message="bad frame"),
+    Ping(seq=1),
+    Pong(seq=1),
+    StopDaemon(),
 ]
 
 
