@@ -209,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-tokens", type=int, default=32, help="length of the benchmark prompt")
     b.add_argument("--workers", type=int, default=2)
     b.add_argument("--dtype", choices=["float32"])
+    b.add_argument("--concurrency", help="e.g. 1,2,4: N concurrent streams through a daemon (first cache fraction)")
     b.set_defaults(fn=cmd_bench)
 
     for name, fn, hlp in (("start", cmd_start, "start the daemon in the background and wait until it serves"),

@@ -130,6 +130,119 @@ def run_one(spec: dict, cold: bool) -> dict:
     return out
 
 
+def concurrency_run(model: str, fraction: float, n: int, spec: dict, cold: bool) -> dict:
+    """N client threads against a fresh daemon: aggregate decode tok/s through the real path."""
+    import tempfile
+    import threading
+
+    from moed.client.client import Client
+
+    cache_state = drop_page_cache() if cold else "warm"
+    runtime = tempfile.mkdtemp(prefix="moed-bench-")
+    env = dict(os.environ, MOED_RUNTIME_DIR=runtime, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "moed.client.cli", "daemon", "--model", model, "--cache-fraction", str(fraction),
+           "--workers", str(spec["workers"]), "--max-batch", str(max(n, 1))]
+    daemon = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                with Client(runtime) as c:
+                    if c.status()["state"] == "ready":
+                        break
+            except Exception:
+                pass
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"daemon failed: {daemon.stderr.read()[-2000:] if daemon.stderr else ''}")
+            time.sleep(0.2)
+        prompt = "".join(PROMPT_TEXT for _ in range(2))
+        results: list = [None] * n
+        barrier = threading.Barrier(n + 1)
+
+        def stream(i: int) -> None:
+            with Client(runtime, name=f"bench-{i}") as c:
+                barrier.wait()
+                t0 = time.perf_counter()
+                kw = {"temperature": 1.0, "seed": spec["seed"] + i} if spec["sampling"] == "random" else {}
+                _, ids, fin = c.complete(prompt, max_tokens=spec["max_tokens"], **kw)
+                results[i] = {"tokens": len(ids), "decode_tps": fin.decode_tps, "ttft_s": fin.ttft_s,
+                              "wall_s": time.perf_counter() - t0, "t_end": time.perf_counter(), "t0": t0}
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        for t in threads:
+            t.join()
+        with Client(runtime) as c:
+            snap = c.status()
+        start = min(r["t0"] for r in results)
+        end = max(r["t_end"] for r in results)
+        decoding = min(r["t0"] + r["ttft_s"] for r in results)  # the first token of any stream
+        tokens = sum(r["tokens"] for r in results)
+        wall = end - start
+        return {"engine": "moed-daemon", "cache_fraction": fraction, "sampling": spec["sampling"], "concurrency": n,
+                "aggregate_tps": tokens / wall, "aggregate_decode_tps": tokens / (end - decoding),
+                "streams": results, "wall_s": wall,
+                "hit_rate": snap["cache"]["hit_rate"], "bytes_read": snap["cache"]["bytes_read"],
+                "daemon_rss_bytes": snap["rss_bytes"], "peak_active": snap["totals"]["peak_active"],
+                "cache_state": cache_state}
+    finally:
+        try:
+            with Client(runtime) as c:
+                c.stop_daemon()
+            daemon.wait(60)
+        except Exception:
+            daemon.kill()
+            daemon.wait()
+
+
+def main_concurrency(a, console, model: str, base: dict) -> int:
+    from rich.table import Table
+
+    levels = [int(x) for x in str(a.concurrency).split(",") if x]
+    fraction = float(str(a.cache_fractions).split(",")[0])
+    runs = []
+    for sampling in [s for s in a.sampling.split(",") if s]:
+        for n in levels:
+            console.print(f"[bold]moed daemon[/] cache={fraction} concurrency={n} sampling={sampling} ...")
+            runs.append(concurrency_run(model, fraction, n, {**base, "sampling": sampling}, a.cold))
+    for r in runs:
+        one = next(x for x in runs if x["concurrency"] == 1 and x["sampling"] == r["sampling"])
+        r["aggregate_ratio_vs_1"] = r["aggregate_decode_tps"] / one["aggregate_decode_tps"]
+    write_provenance(a, model, base, runs, {"concurrency": levels, "cache_fraction": fraction})
+    t = Table(title=f"moed bench --concurrency: {Path(model).name}, cache {fraction}")
+    for c in ("sampling", "streams", "aggregate tok/s", "x 1 stream", "per-stream tok/s", "hit rate", "wall s"):
+        t.add_column(c, justify="right")
+    for r in runs:
+        t.add_row(r["sampling"], str(r["concurrency"]), f"{r['aggregate_decode_tps']:.2f}",
+                  f"{r['aggregate_ratio_vs_1']:.2f}",
+                  f"{sum(s['decode_tps'] for s in r['streams']) / r['concurrency']:.2f}",
+                  f"{r['hit_rate']:.1%}", f"{r['wall_s']:.1f}")
+    from rich.console import Console
+
+    Console().print(t)
+    console.print(f"wrote {a.out}")
+    return 0
+
+
+def write_provenance(a, model: str, base: dict, runs: list, extra: dict) -> None:
+    config = json.loads((Path(model) / "config.json").read_text())
+    cfg = config.get("text_config", config)
+    doc = {
+        "kind": "moed-bench", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["moed", *sys.argv[1:]]),
+        "config": {**base, **extra, "sampling": a.sampling.split(","), "cold": a.cold,
+                   "model_config": {"model_type": config.get("model_type"),
+                                    **{k: cfg.get(k) for k in ("hidden_size", "num_hidden_layers", "num_experts",
+                                                               "num_local_experts", "num_experts_per_tok",
+                                                               "moe_intermediate_size")}}},
+        "machine": machine(), "versions": versions(), **git_commit(), "runs": runs,
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(doc, indent=2))
+
+
 def main(a) -> int:
     """Run every configuration, print a table, write the provenance file."""
     from rich.console import Console
@@ -143,6 +256,8 @@ def main(a) -> int:
     samplings = [s for s in a.sampling.split(",") if s]
     base = {"model": model, "max_tokens": a.max_tokens, "prompt_tokens": a.prompt_tokens, "seed": 0,
             "workers": a.workers, "dtype": a.dtype}
+    if a.concurrency:
+        return main_concurrency(a, console, model, base)
     specs = [{**base, "engine": "mlx-lm", "cache_fraction": None, "sampling": s} for s in samplings]
     specs += [{**base, "engine": "moed", "cache_fraction": f, "sampling": s} for s in samplings for f in fractions]
     runs = []
@@ -155,17 +270,7 @@ def main(a) -> int:
         r["decode_ratio_vs_mlx_lm"] = r["decode_tps"] / ref["decode_tps"]
         r["prefill_ratio_vs_mlx_lm"] = r["prefill_tps"] / ref["prefill_tps"]
         r["same_tokens_as_mlx_lm"] = r["tokens"] == ref["tokens"]
-    config = json.loads((Path(model) / "config.json").read_text())
-    doc = {
-        "kind": "moed-bench", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": {**base, "cache_fractions": fractions, "sampling": samplings, "cold": a.cold,
-                   "model_config": {k: config.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers",
-                                                               "num_experts", "num_local_experts",
-                                                               "num_experts_per_tok", "moe_intermediate_size")}},
-        "machine": machine(), "versions": versions(), **git_commit(), "runs": runs,
-    }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(doc, indent=2))
+    write_provenance(a, model, base, runs, {"cache_fractions": fractions})
     t = Table(title=f"moed bench: {Path(model).name}")
     for c in ("engine", "cache", "sampling", "decode tok/s", "x mlx-lm", "prefill tok/s", "ttft s",
               "hit rate", "MB read/tok", "read GB/s", "peak RSS MB"):

@@ -117,6 +117,23 @@ class ExpertStore:
         self.stats.read_seconds += time.perf_counter() - t0
         self.stats.bytes_read += sum(r[2] for r in ranges)
 
+    def warm(self, order: list[np.ndarray] | None = None, progress=None) -> int:
+        """Fill every slot before serving (the experts in `order` per layer, else the first ones).
+
+        Returns the bytes read; the serving statistics start from zero afterwards.
+        """
+        total = 0
+        for layer, slots in enumerate(self.slots):
+            want = order[layer] if order is not None else np.arange(self.layers[layer].num_experts)
+            self.ensure(layer, np.asarray(want[: slots.n_slots], dtype=np.int64))
+            if progress:
+                progress((layer + 1) / len(self.slots))
+        total = self.stats.bytes_read
+        n = len(self.slots)
+        self.stats = CacheStats(layer_hits=[0] * n, layer_misses=[0] * n)
+        self.heat[:] = 0
+        return total
+
     def evictions(self) -> int:
         return sum(s.evictions for s in self.slots)
 

@@ -175,7 +175,7 @@ class PagedModel:
 
 def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_gb: float | None = None,
                workers: int = 2, dtype: str | None = None,
-               progress: Callable[[str, float], None] | None = None) -> PagedModel:
+               warm: bool = True, progress: Callable[[str, float], None] | None = None) -> PagedModel:
     """Load a checkpoint with resident non-expert weights and a bounded expert cache.
 
     Args:
@@ -185,6 +185,7 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
         workers: I/O worker processes.
         dtype: cast floating weights and scales to this dtype ("float32"), at load and as
             experts are paged in.
+        warm: fill the cache before returning (else it fills on demand).
         progress: called with (phase, fraction done) as loading goes.
     """
     report = progress or (lambda phase, done: None)
@@ -222,7 +223,8 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
         for v in resident:  # reads the non-expert weights only
             mx.eval(v)
             done += v.nbytes
-            report("loading resident weights", 0.15 + 0.8 * done / max(1, non_expert))
+            report("loading resident weights", 0.15 + 0.5 * done / max(1, non_expert))
+        warm_bytes = store.warm(progress=lambda f: report("warming the expert cache", 0.65 + 0.3 * f)) if warm else 0
         report("loading the tokenizer", 0.95)
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     except BaseException:
@@ -233,4 +235,4 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
     return PagedModel(net, tokenizer, config, path, store, fetcher, non_expert, expert_bytes, top_k,
                       info={"moe_layers": len(layers), "slots_per_layer": n_slots,
                             "experts_per_layer": [layer.num_experts for layer in layers],
-                            "cache_bytes": store.resident_bytes()})
+                            "cache_bytes": store.resident_bytes(), "warm_bytes": warm_bytes})

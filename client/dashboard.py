@@ -1,0 +1,432 @@
+"""Pure functions: a `moed top` View -> rich renderables, one per panel, and `dashboard` composing them.
+
+Nothing here does I/O or keeps state: `moed.client.top` collects, these render. Widths are passed
+in (the terminal's), so each panel sizes its sparklines, bars and heat map to fit 80-120 columns.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from typing import TYPE_CHECKING
+
+from rich.console import Console, Group, RenderableType
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from moed.client.top import Series, View
+
+SPARKS = "▁▂▃▄▅▆▇█"
+RESIDENT = "▫░▒▓█"  # resident experts, cold -> hot
+EVICTED_WARM, COLD = "○", "·"  # used recently but not resident; not resident and cold
+HEAT_STYLES = ("grey42", "cyan", "green", "yellow", "bold red")
+MAX_HEAT_COLS = 64
+WIDE = 100  # from this width up, some panels sit side by side
+MAX_REQUEST_ROWS = 8
+MEMORY_PARTS = (("resident_weights", "weights", "█", "blue"), ("expert_cache", "expert cache", "▓", "magenta"),
+                ("kv_cache", "KV cache", "▒", "green"), ("other", "other", "░", "grey50"))
+
+
+# ---------------------------------------------------------------------- formatting
+
+
+def fmt_bytes(n: float | None) -> str:
+    """Decimal units, three significant digits: 950 B, 1.97 MB, 12.4 GB."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 999.5 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"  # pragma: no cover
+
+
+def fmt_rate(n: float | None) -> str:
+    return "-" if n is None else fmt_bytes(n) + "/s"
+
+
+def fmt_tps(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.1f} tok/s"
+
+
+def fmt_pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def fmt_duration(s: float) -> str:
+    s = int(max(0, s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s // 3600}h {s % 3600 // 60:02d}m"
+
+
+def sparkline(points: "Series", now: float, width: int, span: float) -> str:
+    """`points` binned into `width` columns over the last `span` s, scaled to their maximum.
+
+    Columns before the first point are blank; an empty bin holds the previous value.
+    """
+    width = max(1, width)
+    if not points:
+        return " " * width
+    t0, step = now - span, span / width
+    bins: list[list[float]] = [[] for _ in range(width)]
+    for t, v in points:
+        if t >= t0:
+            bins[min(width - 1, int((t - t0) / step))].append(v)
+    first = next((i for i, b in enumerate(bins) if b), width)
+    earlier = [v for t, v in points if t < t0]
+    if earlier:
+        first = 0
+    vals: list[float | None] = []
+    last = earlier[-1] if earlier else None
+    for i, b in enumerate(bins):
+        if b:
+            last = sum(b) / len(b)
+        vals.append(last if i >= first else None)
+    top = max((v for v in vals if v is not None), default=0.0)
+    out = []
+    for v in vals:
+        if v is None:
+            out.append(" ")
+        else:
+            out.append(SPARKS[min(len(SPARKS) - 1, int(v / top * (len(SPARKS) - 1) + 0.5)) if top > 0 else 0])
+    return "".join(out)
+
+
+def history_span(view: "View", width: int) -> float:
+    """Seconds a sparkline of `width` columns covers: one poll a column, up to the whole history."""
+    pts = next(iter(view.history.values()), ())
+    have = view.now - pts[0][0] if pts else 0.0
+    from moed.client.top import HISTORY_S
+
+    return min(HISTORY_S, max(width * view.interval, have))
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
+def _kv(rows: list[tuple[str, RenderableType | str]]) -> Table:
+    t = Table.grid(padding=(0, 1))
+    t.add_column(style="bold", no_wrap=True)
+    t.add_column(overflow="fold")
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
+# ---------------------------------------------------------------------- panels
+
+
+def model_name(s: dict) -> str:
+    return os.path.basename(str(s.get("model") or "?").rstrip("/\\")) or str(s.get("model"))
+
+
+def workers_text(s: dict) -> Text:
+    out = Text()
+    workers = s.get("workers") or []
+    alive = sum(1 for w in workers if w.get("alive"))
+    out.append(f"{alive}/{len(workers)} alive ", style="bold" if alive == len(workers) else "bold red")
+    for w in workers:
+        if w.get("alive"):
+            out.append(" ● ", style="green")
+            out.append(str(w.get("pid")))
+        else:
+            out.append(" ✗ ", style="bold red")
+            out.append(f"{w.get('pid')} dead", style="bold red")
+        if w.get("restarts"):
+            out.append(f" ↻{w['restarts']}", style="yellow")
+    respawns = (s.get("io") or {}).get("respawns")
+    if respawns:
+        out.append(f"  ({respawns} respawned)", style="yellow")
+    return out
+
+
+def header_panel(view: "View") -> Panel:
+    """Model, architecture, quantization, daemon state, cache budget and use, workers."""
+    s = view.snapshot
+    cache = s.get("cache") or {}
+    experts = cache.get("experts_per_layer") or []
+    n_moe = len(experts)
+    shape = f"{n_moe} MoE layers × {max(experts)} experts, top-{s.get('top_k', '?')}" if experts else ""
+    quant = s.get("quantization")
+    bits = f"{quant}-bit" if quant else ("unquantized" if "arch" in s else "")
+    model = Text.assemble((model_name(s), "bold"), "  ",
+                          (" · ".join(x for x in (s.get("arch") or "", bits, shape) if x), "cyan"))
+    daemon = (f"{s.get('state', '?')} · pid {s.get('pid', '?')} · up {fmt_duration(s.get('uptime_s', 0))} · "
+              f"RSS {fmt_bytes(s.get('rss_bytes'))} · {_plural(s.get('clients', 0), 'client')}"
+              + (f" · http {s['http']}" if s.get("http") else ""))
+    rows: list[tuple[str, RenderableType | str]] = [("model", model), ("daemon", daemon)]
+    if cache:
+        slots, used = sum(cache.get("slots_per_layer") or []), sum(cache.get("used_slots") or [])
+        total = s.get("expert_bytes") or 0
+        fits = f" ({cache.get('budget_bytes', 0) / total:.0%})" if total else ""
+        rows.append(("cache", f"{fmt_bytes(cache.get('budget_bytes'))} budget of {fmt_bytes(total)} experts{fits}"
+                              f" · {used}/{slots} slots used · non-expert {fmt_bytes(s.get('non_expert_bytes'))}"))
+    if "workers" in s:
+        rows.append(("workers", workers_text(s)))
+    title = Text.assemble(("moed top", "bold"), f" · every {view.interval:g}s · q quits")
+    return Panel(_kv(rows), title=title, title_align="left", border_style="blue")
+
+
+def loading_panel(view: "View", width: int = 100) -> Panel:
+    """The model is still loading: its phase and progress."""
+    s = view.snapshot
+    prog = s.get("progress") or {}
+    done = float(prog.get("done") or 0.0)
+    bar = ProgressBar(total=1.0, completed=done, width=max(10, min(60, width - 30)))
+    body = Group(Text.assemble(("loading ", "bold yellow"), f"{prog.get('phase', s.get('state', '?'))}  ",
+                               (f"{done:.0%}", "bold")), bar)
+    return Panel(body, title="loading", title_align="left", border_style="yellow")
+
+
+def throughput_panel(view: "View", width: int = 100) -> Panel:
+    """Decode and prefill tok/s, tokens streamed per second, each with a sparkline."""
+    s, r = view.snapshot, view.rates
+    spark_w = max(8, width - 4 - 9 - 14)
+    span = history_span(view, spark_w)
+    decoding = any(q.get("state") == "decoding" for q in s.get("requests") or [])
+    lines = [("decode", (s.get("decode_tps") or 0.0) if decoding else 0.0, "decode", "green"),
+             ("prefill", s.get("prefill_tps"), "prefill", "cyan"),
+             ("output", r.output_tps, "output", "magenta")]
+    t = Table.grid(padding=(0, 1))
+    t.add_column(style="bold", no_wrap=True, width=8)
+    t.add_column(justify="right", no_wrap=True, width=13)
+    t.add_column(no_wrap=True)
+    for label, value, key, style in lines:
+        t.add_row(label, fmt_tps(value), Text(sparkline(view.history.get(key, ()), view.now, spark_w, span),
+                                              style=style))
+    tot = s.get("totals") or {}
+    foot = _kv([("tokens", f"{view.generated:,} tokens generated · {tot.get('prompt_tokens', 0):,} prompt"),
+                ("requests", f"{tot.get('requests', 0):,} ({tot.get('completed', 0):,} done, "
+                             f"{tot.get('rejected', 0):,} rejected, {tot.get('aborted', 0):,} aborted)")])
+    return Panel(Group(t, foot), title=f"throughput · last {fmt_duration(span)}", title_align="left",
+                 border_style="green")
+
+
+def disk_panel(view: "View", width: int = 100) -> Panel:
+    """Bytes read per token, read rate and speed, reads in flight, worker queue depths."""
+    s, r = view.snapshot, view.rates
+    cache, io = s.get("cache") or {}, s.get("io") or {}
+    overall = cache.get("bytes_read", 0) / view.generated if view.generated else None
+    spark_w = max(8, width - 4 - 10 - 12)
+    span = history_span(view, spark_w)
+    queues = Text()
+    for w in s.get("workers") or []:
+        queues.append(f"{w.get('pid')}: ", style="bold" if w.get("alive") else "bold red")
+        queues.append(f"{fmt_bytes(w.get('queued_bytes', 0))}  ", style="" if w.get("alive") else "red")
+    read = Text(f"{fmt_rate(r.read_bps):>11} ")
+    read.append(sparkline(view.history.get("read", ()), view.now, spark_w, span), style="yellow")
+    busy = io.get("in_flight", 0)
+    rows = [("per token", f"{fmt_bytes(r.bytes_per_token)} now · {fmt_bytes(overall)} overall"),
+            ("read", read),
+            ("speed", f"{fmt_rate(r.read_bandwidth)} while reading"),
+            ("disk wait", f"{fmt_pct(r.wait_fraction)} of the time"),
+            ("in flight", f"{busy} {'read' if busy == 1 else 'reads'} · "
+                          f"{fmt_bytes(io.get('bytes_read', cache.get('bytes_read')))} in {io.get('reads', 0):,} reads"),
+            ("queues", queues)]
+    return Panel(_kv(rows), title="disk", title_align="left", border_style="yellow")
+
+
+def memory_panel(view: "View", width: int = 100) -> Panel:
+    """RSS split into resident weights, expert cache, KV cache and the rest, as one bar."""
+    mem = view.snapshot.get("memory") or {}
+    rss = mem.get("rss") or view.snapshot.get("rss_bytes") or 0
+    bar_w = max(10, width - 4 - 16)
+    parts = [(mem.get(k, 0) or 0, label, ch, style) for k, label, ch, style in MEMORY_PARTS]
+    total = sum(p[0] for p in parts) or 1
+    cells = [max(1, round(n / total * bar_w)) if n > 0 else 0 for n, *_ in parts]
+    while sum(cells) > bar_w:  # the minimum of one cell a part may overshoot: take from the largest
+        cells[cells.index(max(cells))] -= 1
+    bar = Text(f"RSS {fmt_bytes(rss):>9}  ", style="bold")
+    for (n, label, ch, style), c in zip(parts, cells):
+        bar.append(ch * c, style=style)
+    legend = Text()
+    for n, label, ch, style in parts:
+        legend.append(f"{ch} ", style=style)
+        legend.append(f"{label} {fmt_bytes(n)}  ")
+    return Panel(Group(bar, legend), title="memory", title_align="left", border_style="magenta")
+
+
+def requests_panel(view: "View", max_rows: int = MAX_REQUEST_ROWS) -> Panel:
+    """Active requests: id, client, state, prompt and generated tokens, tok/s, age."""
+    reqs = view.snapshot.get("requests") or []
+    title = f"requests · {len(reqs)} active of {view.snapshot.get('max_queue', '?')}"
+    if not reqs:
+        return Panel(Text("idle: no active requests", style="dim"), title=title, title_align="left")
+    t = Table(box=None, expand=True, header_style="bold", padding=(0, 1), pad_edge=False)
+    for c, j in (("id", "left"), ("client", "left"), ("state", "left"), ("prompt", "right"),
+                 ("tokens", "right"), ("tok/s", "right"), ("age", "right")):
+        t.add_column(c, justify=j, no_wrap=True, overflow="ellipsis")
+    for r in reqs[:max_rows]:
+        state = r.get("state", "?")
+        t.add_row(str(r.get("id", "")).split(":", 1)[-1], str(r.get("client", "")),
+                  Text(state, style="green" if state == "decoding" else "cyan"), str(r.get("prompt_tokens", "")),
+                  f"{r.get('tokens', 0)}/{r.get('max_tokens', '?')}", f"{r.get('tps', 0.0):.1f}",
+                  fmt_duration(r.get("age_s", 0)))
+    parts: list[RenderableType] = [t]
+    if len(reqs) > max_rows:
+        parts.append(Text(f"… and {len(reqs) - max_rows} more", style="dim"))
+    return Panel(Group(*parts), title=title, title_align="left")
+
+
+def _groups(n: int, k: int) -> list[range]:
+    return [range(i, min(n, i + k)) for i in range(0, n, k)]
+
+
+def heat_cell(heat: float, top: float, resident: bool) -> tuple[str, str]:
+    """(glyph, style) of one heat map cell: shade by recent use, a block glyph if resident."""
+    frac = heat / top if top > 0 else 0.0
+    level = 0 if frac < 0.05 else min(4, math.ceil(frac * 4))
+    if resident:
+        return RESIDENT[level], HEAT_STYLES[level]
+    return (EVICTED_WARM, HEAT_STYLES[level]) if level else (COLD, "grey30")
+
+
+def heat_rows(view: "View", width: int = 100, max_rows: int | None = None) -> tuple[list[tuple[str, Text]], int, int]:
+    """The heat map's rows as (label, cells), and the experts per column and layers per row.
+
+    Experts are bucketed so the grid has at most MAX_HEAT_COLS columns and fits `width`; layers are
+    bucketed when there are more than `max_rows`. A bucket shows its hottest expert: that one's heat,
+    and whether that one is resident (a cold bucket is drawn resident if any of its experts is).
+    """
+    heat = (view.snapshot.get("heat") or {})
+    values, resident = heat.get("values") or [], heat.get("resident") or []
+    n_layers = len(values)
+    n_exp = max((len(r) for r in values), default=0)
+    cols = max(8, min(MAX_HEAT_COLS, width - HEAT_OVERHEAD))
+    k = max(1, math.ceil(n_exp / cols))
+    lk = max(1, math.ceil(n_layers / max_rows)) if max_rows else 1
+    top = max((v for row in values for v in row), default=0.0)
+    out = []
+    for lg in _groups(n_layers, lk):
+        res = [set(resident[i]) if i < len(resident) else set() for i in lg]
+        cells = Text()
+        for eg in _groups(n_exp, k):
+            members = [(values[i][e], e in res[j]) for j, i in enumerate(lg) for e in eg if e < len(values[i])]
+            h, is_res = max(members, default=(0.0, False))
+            if heat_cell(h, top, False)[0] == COLD:
+                is_res = any(r for _, r in members)
+            cells.append(*heat_cell(h, top, is_res))
+        label = f"L{lg[0]}" if len(lg) == 1 else f"L{lg[0]}-{lg[-1]}"
+        out.append((label, cells))
+    return out, k, lk
+
+
+HEAT_OVERHEAD = 4 + 7 + 7 + 9  # panel border+padding, layer label, hit rate, slots used
+
+
+def experts_panel(view: "View", width: int = 100, max_rows: int | None = None) -> Panel:
+    """Cache hit rate overall and per layer, and the layer x expert heat map with residents marked."""
+    s, r = view.snapshot, view.rates
+    cache = s.get("cache") or {}
+    rows, k, lk = heat_rows(view, width, max_rows)
+    lh, lm = cache.get("layer_hits") or [], cache.get("layer_misses") or []
+    slots, used = cache.get("slots_per_layer") or [], cache.get("used_slots") or []
+    recent = r.layer_hit_rate
+    summary = Text.assemble(("hit rate ", "bold"), (fmt_pct(cache.get("hit_rate")), "bold green"), " overall · ",
+                            (fmt_pct(r.hit_rate), "bold"), f" last {r.span_s:.0f}s · hits {cache.get('hits', 0):,}"
+                            f" · misses {cache.get('misses', 0):,}")
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(justify="right", no_wrap=True, style="bold")
+    grid.add_column(justify="right", no_wrap=True)
+    grid.add_column(no_wrap=True)
+    grid.add_column(justify="right", no_wrap=True, style="dim")
+    n_cols = len(rows[0][1]) if rows else 0
+    ruler = [" "] * n_cols
+    step = 16 if n_cols > 32 else 8
+    for c in range(0, n_cols, step):
+        label = str(c * k)
+        if c + len(label) <= n_cols:
+            ruler[c:c + len(label)] = label
+    grid.add_row("layer", "hit%", Text("".join(ruler), style="dim"), "slots")
+    for i, (label, cells) in enumerate(rows):
+        layers = range(i * lk, min(len(lh), (i + 1) * lk)) if lh else range(0)
+        rec = [recent[j] for j in layers if j < len(recent) and recent[j] is not None]
+        if rec:  # recent traffic: the hit rate over the last few seconds
+            hit = sum(rec) / len(rec)
+        else:
+            h, m = sum(lh[j] for j in layers), sum(lm[j] for j in layers if j < len(lm))
+            hit = h / (h + m) if h + m else None
+        su = sum(used[j] for j in layers if j < len(used))
+        sl = sum(slots[j] for j in layers if j < len(slots))
+        grid.add_row(label, "-" if hit is None else f"{hit:.0%}", cells, f"{su}/{sl}" if sl else "")
+    legend = Text()
+    legend.append(RESIDENT[::-1], style="bold")
+    legend.append(" resident, hot→cold   ")
+    legend.append(EVICTED_WARM, style="bold")
+    legend.append(" used, not resident   ")
+    legend.append(COLD, style="bold")
+    legend.append(" cold")
+    scale = [f"{k} experts a column"] if k > 1 else []
+    if lk > 1:
+        scale.append(f"{lk} layers a row")
+    title = " · ".join(["experts · recent use per layer", *scale])
+    body = Group(summary, grid, legend) if rows else Group(summary, Text("no heat map in the snapshot", style="dim"))
+    return Panel(body, title=title, title_align="left", border_style="cyan")
+
+
+def error_panel(view: "View") -> Panel:
+    return Panel(Text(f"the daemon went away: {view.error}", style="bold red"), title="daemon died",
+                 title_align="left", border_style="red")
+
+
+def waiting(interval: float = 0.5) -> Text:
+    """The frame shown before the first snapshot arrives."""
+    return Text(f"moed top: asking the daemon for its status (every {interval:g}s; q quits)", style="dim")
+
+
+# ---------------------------------------------------------------------- layout
+
+
+def _side_by_side(left: RenderableType, right: RenderableType) -> Table:
+    t = Table.grid(expand=True)
+    t.add_column(ratio=1)
+    t.add_column(ratio=1)
+    t.add_row(left, right)
+    return t
+
+
+def dashboard(view: "View", width: int = 100, height: int | None = None) -> Group:
+    """The whole screen: header, throughput and disk, memory, requests, then the expert heat map.
+
+    From WIDE columns up, throughput and disk sit side by side. With `height`, the heat map's
+    layers are bucketed so the frame fits.
+    """
+    parts: list[RenderableType] = []
+    if view.error:
+        parts.append(error_panel(view))
+    parts.append(header_panel(view))
+    if view.loading:
+        parts.append(loading_panel(view, width))
+        if view.snapshot.get("requests"):
+            parts.append(requests_panel(view))
+        return Group(*parts)
+    wide = width >= WIDE
+    half = width // 2 if wide else width
+    tp, dk = throughput_panel(view, half), disk_panel(view, half)
+    parts.append(_side_by_side(tp, dk) if wide else Group(tp, dk))
+    parts.append(memory_panel(view, width))
+    parts.append(requests_panel(view, MAX_REQUEST_ROWS))
+    experts = experts_panel(view, width)
+    if height:  # bucket layers until the heat map fits under the rest
+        room = height - 1 - lines(Group(*parts), width)
+        n_layers = len((view.snapshot.get("heat") or {}).get("values") or [])
+        max_rows = n_layers
+        while max_rows > 2 and lines(experts, width) > room:
+            max_rows = min(max_rows - 1, math.ceil(n_layers / (math.ceil(n_layers / max_rows) + 1)))
+            experts = experts_panel(view, width, max_rows)
+    parts.append(experts)
+    return Group(*parts)
+
+
+def lines(renderable: RenderableType, width: int) -> int:
+    """How many lines `renderable` takes at `width` columns."""
+    con = Console(width=width, file=io.StringIO(), color_system=None, legacy_windows=False)
+    return len(con.render_lines(renderable, con.options, pad=False))
