@@ -25,6 +25,7 @@ RESIDENT = "▫░▒▓█"  # resident experts, cold -> hot
 EVICTED_WARM, COLD = "○", "·"  # used recently but not resident; not resident and cold
 HEAT_STYLES = ("grey42", "cyan", "green", "yellow", "bold red")
 MAX_HEAT_COLS = 64
+HEAT_OVERHEAD = 4 + 7 + 7 + 9  # heat map columns taken by: panel border+padding, layer label, hit rate, slots
 WIDE = 100  # from this width up, some panels sit side by side
 MAX_REQUEST_ROWS = 8
 MEMORY_PARTS = (("resident_weights", "weights", "█", "blue"), ("expert_cache", "expert cache", "▓", "magenta"),
@@ -76,36 +77,27 @@ def sparkline(points: "Series", now: float, width: int, span: float) -> str:
         return " " * width
     t0, step = now - span, span / width
     bins: list[list[float]] = [[] for _ in range(width)]
+    last = None  # the value carried in from before the window
     for t, v in points:
-        if t >= t0:
+        if t < t0:
+            last = v
+        else:
             bins[min(width - 1, int((t - t0) / step))].append(v)
-    first = next((i for i, b in enumerate(bins) if b), width)
-    earlier = [v for t, v in points if t < t0]
-    if earlier:
-        first = 0
     vals: list[float | None] = []
-    last = earlier[-1] if earlier else None
-    for i, b in enumerate(bins):
+    for b in bins:
         if b:
             last = sum(b) / len(b)
-        vals.append(last if i >= first else None)
+        vals.append(last)
     top = max((v for v in vals if v is not None), default=0.0)
-    out = []
-    for v in vals:
-        if v is None:
-            out.append(" ")
-        else:
-            out.append(SPARKS[min(len(SPARKS) - 1, int(v / top * (len(SPARKS) - 1) + 0.5)) if top > 0 else 0])
-    return "".join(out)
+    n = len(SPARKS) - 1
+    return "".join(" " if v is None else SPARKS[min(n, round(v / top * n)) if top > 0 else 0] for v in vals)
 
 
 def history_span(view: "View", width: int) -> float:
     """Seconds a sparkline of `width` columns covers: one poll a column, up to the whole history."""
     pts = next(iter(view.history.values()), ())
     have = view.now - pts[0][0] if pts else 0.0
-    from moed.client.top import HISTORY_S
-
-    return min(HISTORY_S, max(width * view.interval, have))
+    return min(view.history_s, max(width * view.interval, have))
 
 
 def _plural(n: int, what: str) -> str:
@@ -154,7 +146,7 @@ def header_panel(view: "View") -> Panel:
     cache = s.get("cache") or {}
     experts = cache.get("experts_per_layer") or []
     n_moe = len(experts)
-    shape = f"{n_moe} MoE layers × {max(experts)} experts, top-{s.get('top_k', '?')}" if experts else ""
+    shape = f"{n_moe} layers × {max(experts)} experts, top-{s.get('top_k', '?')}" if experts else ""
     quant = s.get("quantization")
     bits = f"{quant}-bit" if quant else ("unquantized" if "arch" in s else "")
     model = Text.assemble((model_name(s), "bold"), "  ",
@@ -228,8 +220,8 @@ def disk_panel(view: "View", width: int = 100) -> Panel:
             ("read", read),
             ("speed", f"{fmt_rate(r.read_bandwidth)} while reading"),
             ("disk wait", f"{fmt_pct(r.wait_fraction)} of the time"),
-            ("in flight", f"{busy} {'read' if busy == 1 else 'reads'} · "
-                          f"{fmt_bytes(io.get('bytes_read', cache.get('bytes_read')))} in {io.get('reads', 0):,} reads"),
+            ("in flight", f"{busy} {'read' if busy == 1 else 'reads'} · {fmt_bytes(io.get('bytes_read'))} "
+                          f"in {io.get('reads', 0):,} reads"),
             ("queues", queues)]
     return Panel(_kv(rows), title="disk", title_align="left", border_style="yellow")
 
@@ -245,7 +237,7 @@ def memory_panel(view: "View", width: int = 100) -> Panel:
     while sum(cells) > bar_w:  # the minimum of one cell a part may overshoot: take from the largest
         cells[cells.index(max(cells))] -= 1
     bar = Text(f"RSS {fmt_bytes(rss):>9}  ", style="bold")
-    for (n, label, ch, style), c in zip(parts, cells):
+    for (_, _, ch, style), c in zip(parts, cells):
         bar.append(ch * c, style=style)
     legend = Text()
     for n, label, ch, style in parts:
@@ -289,12 +281,14 @@ def heat_cell(heat: float, top: float, resident: bool) -> tuple[str, str]:
     return (EVICTED_WARM, HEAT_STYLES[level]) if level else (COLD, "grey30")
 
 
-def heat_rows(view: "View", width: int = 100, max_rows: int | None = None) -> tuple[list[tuple[str, Text]], int, int]:
-    """The heat map's rows as (label, cells), and the experts per column and layers per row.
+def heat_rows(view: "View", width: int = 100,
+              max_rows: int | None = None) -> tuple[list[tuple[str, Text]], int, int, int]:
+    """The heat map's rows as (label, cells); experts per column, layers per row, characters per column.
 
     Experts are bucketed so the grid has at most MAX_HEAT_COLS columns and fits `width`; layers are
     bucketed when there are more than `max_rows`. A bucket shows its hottest expert: that one's heat,
     and whether that one is resident (a cold bucket is drawn resident if any of its experts is).
+    Few experts get a space after each cell, so the grid is easier to read.
     """
     heat = (view.snapshot.get("heat") or {})
     values, resident = heat.get("values") or [], heat.get("resident") or []
@@ -302,6 +296,7 @@ def heat_rows(view: "View", width: int = 100, max_rows: int | None = None) -> tu
     n_exp = max((len(r) for r in values), default=0)
     cols = max(8, min(MAX_HEAT_COLS, width - HEAT_OVERHEAD))
     k = max(1, math.ceil(n_exp / cols))
+    cw = 2 if 2 * math.ceil(n_exp / k) <= cols else 1
     lk = max(1, math.ceil(n_layers / max_rows)) if max_rows else 1
     top = max((v for row in values for v in row), default=0.0)
     out = []
@@ -314,19 +309,18 @@ def heat_rows(view: "View", width: int = 100, max_rows: int | None = None) -> tu
             if heat_cell(h, top, False)[0] == COLD:
                 is_res = any(r for _, r in members)
             cells.append(*heat_cell(h, top, is_res))
+            if cw == 2:
+                cells.append(" ")
         label = f"L{lg[0]}" if len(lg) == 1 else f"L{lg[0]}-{lg[-1]}"
         out.append((label, cells))
-    return out, k, lk
-
-
-HEAT_OVERHEAD = 4 + 7 + 7 + 9  # panel border+padding, layer label, hit rate, slots used
+    return out, k, lk, cw
 
 
 def experts_panel(view: "View", width: int = 100, max_rows: int | None = None) -> Panel:
     """Cache hit rate overall and per layer, and the layer x expert heat map with residents marked."""
     s, r = view.snapshot, view.rates
     cache = s.get("cache") or {}
-    rows, k, lk = heat_rows(view, width, max_rows)
+    rows, k, lk, cw = heat_rows(view, width, max_rows)
     lh, lm = cache.get("layer_hits") or [], cache.get("layer_misses") or []
     slots, used = cache.get("slots_per_layer") or [], cache.get("used_slots") or []
     recent = r.layer_hit_rate
@@ -338,13 +332,13 @@ def experts_panel(view: "View", width: int = 100, max_rows: int | None = None) -
     grid.add_column(justify="right", no_wrap=True)
     grid.add_column(no_wrap=True)
     grid.add_column(justify="right", no_wrap=True, style="dim")
-    n_cols = len(rows[0][1]) if rows else 0
-    ruler = [" "] * n_cols
-    step = 16 if n_cols > 32 else 8
-    for c in range(0, n_cols, step):
+    n_cols = len(rows[0][1]) // cw if rows else 0
+    ruler = [" "] * (n_cols * cw)
+    step = 16 if n_cols * cw > 32 else 8
+    for c in range(0, n_cols, step // cw):
         label = str(c * k)
-        if c + len(label) <= n_cols:
-            ruler[c:c + len(label)] = label
+        if c * cw + len(label) <= len(ruler):
+            ruler[c * cw:c * cw + len(label)] = label
     grid.add_row("layer", "hit%", Text("".join(ruler), style="dim"), "slots")
     for i, (label, cells) in enumerate(rows):
         layers = range(i * lk, min(len(lh), (i + 1) * lk)) if lh else range(0)

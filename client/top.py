@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rich.console import Console
 from rich.live import Live
@@ -97,7 +97,8 @@ class Rates:
         dt = b.t - a.t
         if dt <= 0:
             return cls()
-        dtok, dbytes = b.generated - a.generated, b.bytes_read - a.bytes_read
+        # tokens of requests that failed leave the count without joining the totals: never below 0
+        dtok, dbytes = max(0, b.generated - a.generated), b.bytes_read - a.bytes_read
         dh, dm = b.hits - a.hits, b.misses - a.misses
         layers = tuple(_ratio(h1 - h0, (h1 - h0) + (m1 - m0))
                        for h0, h1, m0, m1 in zip(a.layer_hits, b.layer_hits, a.layer_misses, b.layer_misses))
@@ -124,6 +125,7 @@ class View:
     history: dict[str, Series] = field(default_factory=dict)
     now: float = 0.0
     interval: float = 0.5
+    history_s: float = HISTORY_S
     polls: int = 0
     generated: int = 0  # tokens generated since the daemon started (finished + in flight)
     error: str | None = None
@@ -150,14 +152,13 @@ class Tracker:
         self.samples: deque[Sample] = deque()
         self.history: dict[str, deque] = {k: deque() for k in self.SERIES}
         self.polls = 0
-        self.last = View(interval=interval)
+        self.last = View(interval=interval, history_s=history_s)
 
     def update(self, snap: dict, now: float | None = None) -> View:
         now = time.monotonic() if now is None else now
         s = Sample.of(snap, now)
-        if self.samples and (s.pid != self.samples[-1].pid or s.generated < self.samples[-1].generated
-                             or s.bytes_read < self.samples[-1].bytes_read):
-            self.samples.clear()  # another daemon, or counters went back: start over
+        if self.samples and s.pid != self.samples[-1].pid:
+            self.samples.clear()  # another daemon: start over
             for h in self.history.values():
                 h.clear()
         self.samples.append(s)
@@ -175,15 +176,14 @@ class Tracker:
                 h.popleft()
         self.polls += 1
         self.last = View(snapshot=snap, rates=rates, history={k: tuple(v) for k, v in self.history.items()},
-                         now=now, interval=self.interval, polls=self.polls, generated=s.generated)
+                         now=now, interval=self.interval, history_s=self.history_s, polls=self.polls,
+                         generated=s.generated)
         return self.last
 
     def failed(self, error: str, now: float | None = None) -> View:
         """The last View, marked with why no more will come."""
         now = time.monotonic() if now is None else now
-        v = self.last
-        self.last = View(snapshot=v.snapshot, rates=v.rates, history=v.history, now=now, interval=v.interval,
-                         polls=v.polls, generated=v.generated, error=error)
+        self.last = replace(self.last, now=now, error=error)
         return self.last
 
 

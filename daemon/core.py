@@ -73,7 +73,7 @@ class EngineCore:
         self.by_uid: dict[int, Request] = {}
         self.decoded: deque[tuple[float, int]] = deque()  # (time, tokens) per step, for tok/s
         self.totals = {"requests": 0, "completed": 0, "rejected": 0, "aborted": 0,
-                       "prompt_tokens": 0, "completion_tokens": 0, "peak_active": 0}
+                       "prompt_tokens": 0, "completion_tokens": 0, "generated_tokens": 0, "peak_active": 0}
 
     # ---------------------------------------------------------------- admission
 
@@ -151,8 +151,7 @@ class EngineCore:
             return self._fail_all(e)
         now = time.perf_counter()
         self.decoded.append((now, len(responses)))
-        while self.decoded and now - self.decoded[0][0] > THROUGHPUT_WINDOW_S:
-            self.decoded.popleft()
+        self.totals["generated_tokens"] += len(responses)
         events = []
         for r in responses:
             req = self.by_uid.get(r.uid)
@@ -216,7 +215,11 @@ class EngineCore:
     # ---------------------------------------------------------------- status
 
     def decode_tps(self) -> float:
-        if len(self.decoded) < 2:
+        """Tokens per second over the last minute of decoding (0 when idle)."""
+        now = time.perf_counter()
+        while self.decoded and now - self.decoded[0][0] > THROUGHPUT_WINDOW_S:
+            self.decoded.popleft()
+        if len(self.decoded) < 2 or not self.requests:
             return 0.0
         span = self.decoded[-1][0] - self.decoded[0][0]
         return sum(n for _, n in list(self.decoded)[1:]) / span if span > 0 else 0.0

@@ -9,6 +9,7 @@ Missed experts are read by the I/O workers into shared memory and copied into th
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import mlx.core as mx
@@ -27,7 +28,22 @@ HEAT_DECAY = 0.95
 
 
 class Reader(Protocol):
-    def read(self, ranges: Sequence[tuple[int, int, int]]) -> list[memoryview]: ...
+    """The fetcher's interface: start reading byte ranges, then wait for views of them."""
+
+    def submit(self, ranges: Sequence[tuple[int, int, int]]) -> object: ...
+
+    def wait(self, ticket: object) -> list[memoryview]: ...
+
+
+@dataclass
+class Pending:
+    """Reads in flight for one layer's missed experts."""
+
+    layer: int
+    filled: list[tuple[int, int]]  # (expert, slot)
+    ranges: list[tuple[int, int, int]]
+    ticket: object
+    t0: float
 
 
 class TensorPool:
@@ -88,6 +104,11 @@ class ExpertStore:
 
     def ensure(self, layer: int, experts: np.ndarray) -> np.ndarray:
         """Make `experts` (unique, at most the layer's slots) resident; return the layer's LUT."""
+        self.finish(self.begin(layer, experts))
+        return self.slots[layer].lut
+
+    def begin(self, layer: int, experts: np.ndarray) -> Pending | None:
+        """Give `experts` slots and start reading the missed ones; None when all are resident."""
         slots = self.slots[layer]
         if layer == 0:
             self.heat *= HEAT_DECAY
@@ -97,25 +118,33 @@ class ExpertStore:
         self.stats.misses += len(filled)
         self.stats.layer_hits[layer] += hits
         self.stats.layer_misses[layer] += len(filled)
-        if filled:
-            self._fill(layer, filled)
-        return slots.lut
-
-    def _fill(self, layer: int, filled: list[tuple[int, int]]) -> None:
+        if not filled:
+            return None
         spec = self.layers[layer]
         ranges = [r for e, _ in filled for r in spec.ranges(e)]
         t0 = time.perf_counter()
         try:
-            views = self.reader.read(ranges)
+            ticket = self.reader.submit(ranges)
         except BaseException:
-            self.slots[layer].forget([e for e, _ in filled])
+            slots.forget([e for e, _ in filled])
             raise
-        pools = self.pools[layer]
-        for i, (_, slot) in enumerate(filled):
+        return Pending(layer, filled, ranges, ticket, t0)
+
+    def finish(self, p: Pending | None) -> None:
+        """Wait for a begun read and copy the bytes into their slots."""
+        if p is None:
+            return
+        try:
+            views = self.reader.wait(p.ticket)
+        except BaseException:
+            self.slots[p.layer].forget([e for e, _ in p.filled])
+            raise
+        pools = self.pools[p.layer]
+        for i, (_, slot) in enumerate(p.filled):
             for j, pool in enumerate(pools):
                 pool.write(slot, views[i * len(pools) + j])
-        self.stats.read_seconds += time.perf_counter() - t0
-        self.stats.bytes_read += sum(r[2] for r in ranges)
+        self.stats.read_seconds += time.perf_counter() - p.t0
+        self.stats.bytes_read += sum(r[2] for r in p.ranges)
 
     def warm(self, order: list[np.ndarray] | None = None, progress=None) -> int:
         """Fill every slot before serving (the experts in `order` per layer, else the first ones).
@@ -160,25 +189,50 @@ class PagedSwitch(nn.Module):
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         idx = np.array(indices)  # the one host sync of this layer: the router's choice
         experts = np.unique(idx)
-        groups = self.store.slots[self.layer].groups(experts)
-        if len(groups) == 1:
-            lut = self.store.ensure(self.layer, experts)
-            return self.inner(x, mx.array(lut[idx]))
-        return self._by_group(x, idx, groups)
+        slots = self.store.slots[self.layer]
+        groups = slots.groups(experts)
+        if len(groups) > 1:
+            return self._by_group(x, idx, groups)
+        pending = self.store.begin(self.layer, experts)
+        if pending is None:
+            return self.inner(x, mx.array(slots.lut[idx]))
+        return self._overlapped(x, idx, pending)
+
+    def _rows(self, xf: mx.array, flat: np.ndarray, rows: np.ndarray, k: int) -> mx.array:
+        """The expert outputs of the (token, choice) pairs `rows` of the flattened indices."""
+        lut = self.store.slots[self.layer].lut
+        return self.inner(xf[mx.array(rows // k)], mx.array(lut[flat[rows]])[:, None])[:, 0]
+
+    def _overlapped(self, x: mx.array, idx: np.ndarray, pending) -> mx.array:
+        """Compute the pairs whose experts are resident while the missed ones are read."""
+        k, flat = idx.shape[-1], idx.reshape(-1)
+        xf = x.reshape(-1, x.shape[-1])
+        missed = np.zeros(len(self.store.slots[self.layer].lut), dtype=bool)
+        missed[[e for e, _ in pending.filled]] = True
+        miss_rows = np.nonzero(missed[flat])[0]
+        hit_rows = np.nonzero(~missed[flat])[0]
+        if len(hit_rows) == 0:
+            self.store.finish(pending)
+            return self.inner(x, mx.array(self.store.slots[self.layer].lut[idx]))
+        y_hit = self._rows(xf, flat, hit_rows, k)
+        mx.async_eval(y_hit)  # runs while the workers read the misses
+        self.store.finish(pending)
+        y = mx.concatenate([y_hit, self._rows(xf, flat, miss_rows, k)])
+        y = y[mx.array(np.argsort(np.concatenate([hit_rows, miss_rows])))]
+        return y.reshape(*idx.shape, y.shape[-1])
 
     def _by_group(self, x: mx.array, idx: np.ndarray, groups: list[np.ndarray]) -> mx.array:
         """More experts than slots (a long prompt on a small cache): one group at a time.
 
         Each (token, choice) pair is computed exactly once, with its expert resident.
         """
-        k = idx.shape[-1]
-        flat = idx.reshape(-1)
+        k, flat = idx.shape[-1], idx.reshape(-1)
         xf = x.reshape(-1, x.shape[-1])
         pieces, order = [], []
         for group in groups:
-            lut = self.store.ensure(self.layer, group)
+            self.store.ensure(self.layer, group)
             sel = np.nonzero(np.isin(flat, group))[0]
-            y = self.inner(xf[mx.array(sel // k)], mx.array(lut[flat[sel]])[:, None])[:, 0]
+            y = self._rows(xf, flat, sel, k)
             mx.eval(y)  # the next group overwrites these slots
             pieces.append(y)
             order.append(sel)

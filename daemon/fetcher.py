@@ -66,6 +66,16 @@ class ReadError(FetchError):
 
 
 @dataclass
+class Ticket:
+    """A submitted read (see Fetcher.submit)."""
+
+    ranges: list
+    offsets: list[int]
+    items: list
+    t0: float
+
+
+@dataclass
 class FetchStats:
     bytes_read: int = 0
     reads: int = 0  # ranges
@@ -232,6 +242,11 @@ class Fetcher:
     def read(self, ranges: list[Range]) -> list[memoryview]:
         """Read (file_idx, offset, length) ranges; returns views into the staging segment in the
         same order, valid until the next read(). Raises ReadError, WorkerError."""
+        return self.wait(self.submit(ranges))
+
+    def submit(self, ranges: list[Range]) -> "Ticket":
+        """Start reading `ranges` and return at once; `wait(ticket)` gives the views. One
+        submission at a time: the next submit() or read() waits for this one first."""
         t0 = time.perf_counter()
         self._check_open()
         offsets, total = self._layout(ranges)
@@ -239,14 +254,25 @@ class Fetcher:
         try:
             for w in self._workers:
                 w.restarts = 0
-            if any(w.pending for w in self._workers):  # an interrupted read is still writing
+            if any(w.pending for w in self._workers):  # an earlier read is still writing
                 self._collect()
             if total > self._size:
                 self._grow(total)
-            done = self._run(self._assign(items, total)) if items else []
+            if items:
+                self._send_plan(self._assign(items, total))
         except WorkerError:
             self.close()
             raise
+        return Ticket(ranges, offsets, items, t0)
+
+    def wait(self, ticket: "Ticket") -> list[memoryview]:
+        """Block until a submitted read is in the staging segment; its views, in order."""
+        try:
+            done = self._collect() if ticket.items else []
+        except WorkerError:
+            self.close()
+            raise
+        items, ranges, offsets = ticket.items, ticket.ranges, ticket.offsets
         nbytes = sum(d.nbytes for _, d in done)
         self.stats.read_calls += 1
         self.stats.reads += len(ranges)
@@ -254,7 +280,7 @@ class Fetcher:
         for slot, d in done:
             self.stats.bytes_by_worker[slot] += d.nbytes
         errors = [d.error for _, d in done if d.error]
-        self.stats.read_seconds += time.perf_counter() - t0
+        self.stats.read_seconds += time.perf_counter() - ticket.t0
         if errors:
             raise ReadError(errors)
         if nbytes != sum(n for _, _, n, _ in items):
@@ -299,15 +325,14 @@ class Fetcher:
                     slot, room = slot + 1, target
         return plan
 
-    def _run(self, plan: list[list]) -> list[tuple[int, ReadDone]]:
-        """Send one Read per worker with work, wait for every ReadDone."""
+    def _send_plan(self, plan: list[list]) -> None:
+        """Send one Read per worker with work."""
         now = time.monotonic()
         for w, items in zip(list(self._workers), plan):
             if items:
                 w.pending, w.sent_at = Read(next(self._req_ids), items), now
                 if w.identity is not None:
                     self._send(w, w.pending)
-        return self._collect()
 
     def _collect(self) -> list[tuple[int, ReadDone]]:
         self._done = []

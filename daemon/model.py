@@ -21,6 +21,7 @@ from mlx_lm.utils import load_model, load_tokenizer
 
 from moed.daemon.experts import FLOATS, ExpertStore, PagedSwitch
 from moed.daemon.fetcher import Fetcher
+from moed.ipc.connection import daemon_files
 from moed.workers.index import DTYPE_BYTES, CheckpointError, ExpertLayer, TensorTable
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -210,7 +211,8 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
     n_slots = slots_per_layer(layers, top_k, cast, cache_fraction, cache_gb)
     staging = max(n * layer.expert_nbytes for n, layer in zip(n_slots, layers))
     report("starting I/O workers", 0.1)
-    fetcher = Fetcher([str(f) for f in table.files], workers=workers, staging_bytes=staging).start()
+    fetcher = Fetcher([str(f) for f in table.files], workers=workers, staging_bytes=staging,
+                      runtime_dir=daemon_files().dir).start()
     try:
         store = ExpertStore(layers, n_slots, fetcher, cast)
         for i, (p, m) in enumerate(switches):

@@ -4,6 +4,7 @@ and the real dashboard driven in tmux against a daemon on the tiny model."""
 from __future__ import annotations
 
 import copy
+import io
 import os
 import re
 import shlex
@@ -30,8 +31,8 @@ LOADING = {"state": "loading", "progress": {"phase": "mapping experts", "done": 
 
 def _busy() -> dict:
     """4 layers x 16 experts, two requests decoding, one worker dead."""
-    heat = [[round(0.5 * ((l + 3 * e) % 11), 2) for e in range(16)] for l in range(4)]
-    heat[2][7] = 9.5  # hottest, resident
+    heat = [[round(0.5 * ((layer + 3 * e) % 11), 2) for e in range(16)] for layer in range(4)]
+    heat[2][6] = 9.5  # hottest, resident
     heat[3][0] = 8.0  # hot but not resident: shown as evicted-warm
     resident = [[e for e in range(16) if e % 4 != 3] for _ in range(4)]
     resident[3] = [e for e in resident[3] if e != 0]
@@ -67,8 +68,8 @@ def _busy() -> dict:
 def _med() -> dict:
     """12 layers x 128 experts (the med preset), idle."""
     s = _busy()
-    heat = [[round(((l * 7 + e * 13) % 29) / 3, 2) if e % 5 else 0.0 for e in range(128)] for l in range(12)]
-    resident = [[e for e in range(128) if (e + l) % 3 == 0] for l in range(12)]
+    heat = [[round(((i * 7 + e * 13) % 29) / 3, 2) if e % 5 else 0.0 for e in range(128)] for i in range(12)]
+    resident = [[e for e in range(128) if (e + i) % 3 == 0] for i in range(12)]
     s.update(model="/models/med-qwen3_moe", arch="qwen3_moe", layers=12, top_k=8, requests=[],
              non_expert_bytes=90_000_000, expert_bytes=3_200_000_000, decode_tps=12.5,
              heat={"values": heat, "resident": resident},
@@ -76,7 +77,7 @@ def _med() -> dict:
     s["cache"] = {"budget_bytes": 800_000_000, "slots_per_layer": [43] * 12, "experts_per_layer": [128] * 12,
                   "used_slots": [43] * 12, "hits": 50_000, "misses": 20_000, "hit_rate": 5 / 7,
                   "bytes_read": 9_000_000_000, "read_seconds": 4.5,
-                  "layer_hits": [4000 + 100 * l for l in range(12)], "layer_misses": [1700] * 12}
+                  "layer_hits": [4000 + 100 * i for i in range(12)], "layer_misses": [1700] * 12}
     s["io"] = dict(s["io"], respawns=0, in_flight=0)
     return s
 
@@ -107,7 +108,7 @@ def _view(*snaps: dict, dt: float = 1.0) -> View:
 
 
 def _text(renderable, width: int = 100) -> str:
-    con = Console(record=True, width=width, color_system=None, file=open(os.devnull, "w"))
+    con = Console(record=True, width=width, color_system=None, file=io.StringIO())
     con.print(renderable)
     return con.export_text()
 
@@ -137,19 +138,19 @@ def test_busy_panels():
 
     header = _text(dash.header_panel(v))
     assert "tiny-qwen3_5_moe" in header and "qwen3_5_moe" in header and "4-bit" in header
-    assert "4 MoE layers × 16 experts, top-4" in header
+    assert "4 layers × 16 experts, top-4" in header
     assert "1.47 MB budget of 1.97 MB experts (75%)" in header and "47/48 slots used" in header
     assert "12475" in header and "12476 dead" in header and "1/2 alive" in header and "http 127.0.0.1:8000" in header
     assert "up 12m 35s" in header  # 754.3 s, a second later
 
     tp = _text(dash.throughput_panel(v, 100))
     assert "171.2 tok/s" in tp and "97.3 tok/s" in tp and "120.0 tok/s" in tp
-    assert "1,357 tokens generated" in tp and "9 requests (6 done, 1 rejected, 0 aborted)" in tp
+    assert "1,357 tokens generated" in tp and "9 (6 done, 1 rejected, 0 aborted)" in tp
     assert any(ch in tp for ch in dash.SPARKS[1:])  # the sparkline rose
 
     disk = _text(dash.disk_panel(v, 100))
     assert "41.7 KB now" in disk and "5 MB/s" in disk and "2 GB/s while reading" in disk
-    assert "1 reads" in disk and "12475: 65.5 KB" in disk and "12476: 0 B" in disk and "waits 5.0%" in disk
+    assert "1 read ·" in disk and "12475: 65.5 KB" in disk and "12476: 0 B" in disk and "disk wait 5.0%" in disk
 
     mem = _text(dash.memory_panel(v, 100))
     assert "RSS" in mem and "96.7 MB" in mem
@@ -166,8 +167,7 @@ def test_busy_panels():
 
     ex = _text(dash.experts_panel(v, 100))
     assert "hit rate 78.3% overall" in ex and "75.0% last 1s" in ex and "hits 3,220" in ex
-    rows = {line.split()[0]: line for line in ex.splitlines() if re.match(r"│\s+L\d", line)} or \
-        {re.search(r"L\d+", line).group(): line for line in ex.splitlines() if re.search(r"\bL\d+\b", line)}
+    rows = {m.group(1): line for line in ex.splitlines() if (m := re.search(r"\b(L\d+)\s+\d+%", line))}
     assert set(rows) == {"L0", "L1", "L2", "L3"}
     assert "12/12" in rows["L0"] and "11/12" in rows["L3"]
     assert "█" in rows["L2"]  # the hottest expert, resident
@@ -206,10 +206,11 @@ def test_med_heat_map_fits(width):
     assert cells[0] == (64 if width >= 100 else 43)  # 128 experts, 2 (or 3) to a column
     assert ("2 experts a column" if width >= 100 else "3 experts a column") in out
     assert "43/43" in rows[0] and "idle: no active requests" in out and "med-qwen3_moe" in out
-    assert "12 MoE layers × 128 experts, top-8" in out
+    assert "12 layers × 128 experts, top-8" in out
     # with a short terminal the layers are bucketed too, so the frame still fits
-    short = _text(dash.dashboard(v, width=width, height=40), width=width)
-    assert "layers a row" in short and len(short.splitlines()) <= 40
+    height = 40 if width < 100 else 32  # at 80 columns the panels above stack and take more lines
+    short = _text(dash.dashboard(v, width=width, height=height), width=width)
+    assert "layers a row" in short and len(short.splitlines()) <= height
 
 
 def test_sparkline_and_tracker_history():
@@ -292,8 +293,11 @@ class Tmux:
         self.sock = f"moed-test-{os.getpid()}"
 
     def __call__(self, *args, check=True) -> subprocess.CompletedProcess:
+        # an explicit env: a C-level setenv under pytest can leave COLUMNS=80/LINES=24 in the inherited
+        # environment (not in os.environ), and rich would believe them over the pane's real size
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
         return subprocess.run(["tmux", "-L", self.sock, *args], capture_output=True, text=True, check=check,
-                              timeout=20)
+                              timeout=20, env=env)
 
     def capture(self, target: str) -> str:
         return self("capture-pane", "-p", "-t", target, check=False).stdout
@@ -321,6 +325,24 @@ def _figures(screen: str) -> dict:
             "output": num(r"output\s+([\d,.]+) tok/s")}
 
 
+def _wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """The pids among `pids` still running after up to `timeout` s."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for p in pids:
+            try:
+                if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
 def test_top_live_in_tmux():
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed (apt-get install -y tmux): the live `moed top` test drives it")
@@ -330,16 +352,19 @@ def test_top_live_in_tmux():
     env = dict(os.environ, MOED_RUNTIME_DIR=runtime, MOED_HOME=home)
     moed = [sys.executable, "-m", "moed.client.cli"]
     tmux, stop_load = Tmux(), threading.Event()
-    load = None
+    load, pids = None, []
     try:
         start = subprocess.run([*moed, "start", "--demo", "--cache-fraction", "0.5"], env=env, capture_output=True,
                                text=True, timeout=180)
         assert start.returncode == 0, start.stderr
+        with Client(runtime, name="tui-test") as c:
+            pids = [int(c.info["pid"])] + [w["pid"] for w in c.status()["workers"]]
 
         def top_cmd(tag: str) -> str:
-            inner = " ".join(shlex.quote(x) for x in ["env", f"MOED_RUNTIME_DIR={runtime}", f"MOED_HOME={home}",
+            inner = " ".join(shlex.quote(x) for x in ["env", "-u", "COLUMNS", "-u", "LINES",
+                                                         f"MOED_RUNTIME_DIR={runtime}", f"MOED_HOME={home}",
                                                          *moed, "top", "--interval", "0.3"])
-            return f"{inner}; echo {tag}=$?; sleep 60"
+            return f"{inner}; echo {tag}=$?; stty -a; sleep 60"  # stty: is the terminal back in cooked mode?
 
         tmux("new-session", "-d", "-s", "top", "-x", "120", "-y", "45", top_cmd("TOP_EXIT"))
         tmux.wait_for("top", r"tokens generated", 30)
@@ -350,7 +375,7 @@ def test_top_live_in_tmux():
             try:
                 with Client(runtime, name="tui-test") as c:
                     while not stop_load.is_set():
-                        for ev in c.generate("The paged expert cache", max_tokens=300, temperature=1.0, seed=1):
+                        for _ in c.generate("The paged expert cache", max_tokens=300, temperature=1.0, seed=1):
                             if stop_load.is_set():
                                 break
             except BaseException as e:  # pragma: no cover - reported below
@@ -377,7 +402,16 @@ def test_top_live_in_tmux():
         tmux("send-keys", "-t", "top", "q")
         after = tmux.wait_for("top", r"TOP_EXIT=\d+", 10)
         assert "TOP_EXIT=0" in after, after
-        assert "tokens generated" not in after  # the alternate screen is gone: the terminal is back
+        assert "tokens generated" not in after  # the alternate screen is gone
+        after = tmux.wait_for("top", r"icanon", 5)
+        assert not re.search(r"(?<![-\w])-(icanon|echo)\b", after), after  # cbreak undone: line mode, echo
+
+        # Ctrl-C quits cleanly too
+        tmux("new-session", "-d", "-s", "intr", "-x", "100", "-y", "40", top_cmd("INTR_EXIT"))
+        tmux.wait_for("intr", r"tokens generated", 30)
+        tmux("send-keys", "-t", "intr", "C-c")
+        after = tmux.wait_for("intr", r"INTR_EXIT=\d+", 10)
+        assert "INTR_EXIT=0" in after and "Traceback" not in after, after
 
         # the daemon goes away under a second dashboard: it says so and exits non-zero
         tmux("new-session", "-d", "-s", "dies", "-x", "100", "-y", "40", top_cmd("DIED_EXIT"))
@@ -385,11 +419,13 @@ def test_top_live_in_tmux():
         subprocess.run([*moed, "stop"], env=env, capture_output=True, timeout=60)
         after = tmux.wait_for("dies", r"DIED_EXIT=\d+", 15)
         assert "DIED_EXIT=1" in after and "went away" in after, after
+        assert not _wait_gone(pids, 15), "daemon or workers still running after `moed stop`"
     finally:
         stop_load.set()
         tmux.kill()
         subprocess.run([*moed, "stop"], env=env, capture_output=True, timeout=60)
         if load is not None:
             load.join(5)
+        _wait_gone(pids, 15)
         shutil.rmtree(runtime, ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
