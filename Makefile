@@ -5,9 +5,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_MODEL ?= models/tiny-qwen3_5_moe
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv tools demo test test-all bench clean
 
 venv: $(STAMP)
+
+# tmux drives the `moed top` test; installed when missing and we may (root with apt-get).
+tools:
+	@command -v tmux >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get install -y -qq tmux >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 && \
+		 apt-get install -y -qq tmux >/dev/null 2>&1)); } || echo "tmux not installed: the live TUI test will skip"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,19 +21,28 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# The main job: a synthetic model, the daemon, a streamed answer, stats, stop.
 demo: venv
 	$(BIN)/moed make-model $(DEMO_MODEL) --arch qwen3_5_moe --preset tiny --skip-existing
-	$(BIN)/moed generate --model $(DEMO_MODEL) --prompt "The paged expert cache" --max-tokens 48 --cache-fraction 0.25 --workers 2
+	$(BIN)/moed generate --model $(DEMO_MODEL) --prompt "The paged expert cache" --max-tokens 48 --cache-fraction 0.25
+	MOED_RUNTIME_DIR=$(CURDIR)/.moed-run $(BIN)/moed start --model $(DEMO_MODEL) --cache-fraction 0.25
+	MOED_RUNTIME_DIR=$(CURDIR)/.moed-run $(BIN)/moed run "Once upon a time" --max-tokens 48 -v || \
+		{ MOED_RUNTIME_DIR=$(CURDIR)/.moed-run $(BIN)/moed stop; exit 1; }
+	MOED_RUNTIME_DIR=$(CURDIR)/.moed-run $(BIN)/moed ps
+	MOED_RUNTIME_DIR=$(CURDIR)/.moed-run $(BIN)/moed stop
 
-test: venv
+test: venv tools
 	$(BIN)/python -m pytest -q
 
-test-all: venv
+test-all: venv tools
 	$(BIN)/python -m pytest -q -m ""
 
+MED := models/med-qwen3_moe
 bench: venv
-	$(BIN)/moed make-model models/med-qwen3_moe --arch qwen3_moe --preset med --skip-existing
-	$(BIN)/moed bench --model models/med-qwen3_moe --out bench/results/med-qwen3_moe.json --cold --sampling random,greedy
+	$(BIN)/moed make-model $(MED) --arch qwen3_moe --preset med --skip-existing
+	$(BIN)/moed bench --model $(MED) --out bench/results/med-paged.json --cold --sampling random,greedy
+	$(BIN)/moed bench --model $(MED) --out bench/results/med-concurrency.json --cold --concurrency 1,2,4 \
+		--cache-fractions 0.25 --sampling random,greedy
 
 clean:
 	rm -rf $(VENV) models

@@ -7,7 +7,13 @@ from rich.table import Table
 
 
 def mb(n: float | None) -> str:
-    return "-" if n is None else f"{n / 1e6:,.0f} MB"
+    """Bytes, human-readable (decimal units)."""
+    if n is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:.0f} B"
 
 
 def overview_table(s: dict) -> Table:

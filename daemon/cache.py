@@ -49,6 +49,7 @@ class LayerSlots:
         self._lru: OrderedDict[int, int] = OrderedDict()  # expert -> slot, oldest first
         self._free = list(range(n_slots - 1, -1, -1))
         self.evictions = 0
+        self.device_lut = None  # an MLX copy of `lut`, set by the paged layer while all experts are resident
 
     def groups(self, experts: np.ndarray) -> list[np.ndarray]:
         """Split a layer's needed experts into groups that fit the pool at once.
@@ -66,6 +67,7 @@ class LayerSlots:
 
         Returns the number of hits and the misses as (expert, slot) pairs to be filled.
         """
+        self.device_lut = None
         misses, hits = [], 0
         for e in experts.tolist():
             if self.lut[e] >= 0:

@@ -130,6 +130,11 @@ class ExpertStore:
             raise
         return Pending(layer, filled, ranges, ticket, t0)
 
+    def count_resident(self, layer: int, pairs: int) -> None:
+        """Account a step of a fully resident layer (no routing reaches the host there)."""
+        self.stats.hits += pairs
+        self.stats.layer_hits[layer] += pairs
+
     def finish(self, p: Pending | None) -> None:
         """Wait for a begun read and copy the bytes into their slots."""
         if p is None:
@@ -187,9 +192,14 @@ class PagedSwitch(nn.Module):
         self.layer = layer
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        slots = self.store.slots[self.layer]
+        if slots.used == len(slots.lut):  # every expert resident: no paging, no host sync
+            if slots.device_lut is None:
+                slots.device_lut = mx.array(slots.lut)
+            self.store.count_resident(self.layer, indices.size)
+            return self.inner(x, slots.device_lut[indices])
         idx = np.array(indices)  # the one host sync of this layer: the router's choice
         experts = np.unique(idx)
-        slots = self.store.slots[self.layer]
         groups = slots.groups(experts)
         if len(groups) > 1:
             return self._by_group(x, idx, groups)
