@@ -17,6 +17,8 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-gb", type=float, help="expert cache budget in GB")
     p.add_argument("--workers", type=int, default=2, help="I/O worker processes (default 2)")
     p.add_argument("--dtype", choices=["float32"], help="cast bf16/fp16 weights and scales to float32")
+    p.add_argument("--no-warm", dest="warm", action="store_false",
+                   help="start with an empty expert cache (default: fill it at load)")
 
 
 def cmd_make_model(a: argparse.Namespace) -> int:
@@ -38,7 +40,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from moed.daemon.model import load_paged
 
     with load_paged(a.model, cache_fraction=a.cache_fraction, cache_gb=a.cache_gb,
-                    workers=a.workers, dtype=a.dtype) as pm:
+                    workers=a.workers, dtype=a.dtype, warm=a.warm) as pm:
         prompt = encode_prompt(pm.tokenizer, a.prompt, chat=a.chat)
         params = SamplingParams(max_tokens=a.max_tokens, temp=a.temp, seed=a.seed)
         echo = None if a.json else (lambda t: print(t, end="", flush=True))
@@ -88,7 +90,7 @@ def _daemon_args(a: argparse.Namespace) -> list[str]:
     if not model:
         raise ValueError("give --model DIR (or --demo)")
     out = ["--model", model, "--workers", str(a.workers), "--max-batch", str(a.max_batch),
-           "--max-queue", str(a.max_queue)]
+           "--max-queue", str(a.max_queue)] + ([] if a.warm else ["--no-warm"])
     for flag, v in (("--cache-fraction", a.cache_fraction), ("--cache-gb", a.cache_gb), ("--dtype", a.dtype),
                     ("--http", a.http), ("--api-key", a.api_key)):
         if v is not None:
@@ -109,7 +111,8 @@ def cmd_daemon(a: argparse.Namespace) -> int:
     if not model:
         raise ValueError("give --model DIR (or --demo)")
     return supervise(DaemonConfig(model=model, cache_fraction=a.cache_fraction, cache_gb=a.cache_gb,
-                                  workers=a.workers, dtype=a.dtype, max_batch=a.max_batch, max_queue=a.max_queue,
+                                  workers=a.workers, dtype=a.dtype, warm=a.warm, max_batch=a.max_batch,
+                                  max_queue=a.max_queue,
                                   http=a.http, api_key=a.api_key))
 
 

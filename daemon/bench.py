@@ -155,7 +155,7 @@ def concurrency_run(model: str, fraction: float, n: int, spec: dict, cold: bool)
             if daemon.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"daemon failed: {daemon.stderr.read()[-2000:] if daemon.stderr else ''}")
             time.sleep(0.2)
-        prompt = "".join(PROMPT_TEXT for _ in range(2))
+        prompt = PROMPT_TEXT.split(". ")[0]  # short: this measures decode, not prefill
         results: list = [None] * n
         barrier = threading.Barrier(n + 1)
 
@@ -164,7 +164,7 @@ def concurrency_run(model: str, fraction: float, n: int, spec: dict, cold: bool)
                 barrier.wait()
                 t0 = time.perf_counter()
                 kw = {"temperature": 1.0, "seed": spec["seed"] + i} if spec["sampling"] == "random" else {}
-                _, ids, fin = c.complete(prompt, max_tokens=spec["max_tokens"], **kw)
+                _, ids, fin = c.complete(f"{prompt} ({i})", max_tokens=spec["max_tokens"], **kw)
                 results[i] = {"tokens": len(ids), "decode_tps": fin.decode_tps, "ttft_s": fin.ttft_s,
                               "wall_s": time.perf_counter() - t0, "t_end": time.perf_counter(), "t0": t0}
 

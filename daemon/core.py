@@ -67,13 +67,17 @@ class EngineCore:
         self.model, self.tokenizer = model, tokenizer
         self.max_queue, self.context = max_queue, context
         self.eos = set(tokenizer.eos_token_ids)
-        self.gen = BatchGenerator(model, stop_tokens=[[t] for t in sorted(self.eos)],
-                                  completion_batch_size=max_batch, prefill_batch_size=max_batch)
+        self.max_batch = max_batch
+        self.gen = self._new_generator()
         self.requests: dict[str, Request] = {}
         self.by_uid: dict[int, Request] = {}
         self.decoded: deque[tuple[float, int]] = deque()  # (time, tokens) per step, for tok/s
         self.totals = {"requests": 0, "completed": 0, "rejected": 0, "aborted": 0,
                        "prompt_tokens": 0, "completion_tokens": 0, "generated_tokens": 0, "peak_active": 0}
+
+    def _new_generator(self) -> BatchGenerator:
+        return BatchGenerator(self.model, stop_tokens=[[t] for t in sorted(self.eos)],
+                              completion_batch_size=self.max_batch, prefill_batch_size=self.max_batch)
 
     # ---------------------------------------------------------------- admission
 
@@ -204,12 +208,12 @@ class EngineCore:
                         decode_tps=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0)
 
     def _fail_all(self, exc: Exception) -> list:
-        events = []
-        for req in list(self.requests.values()):
-            self.gen.remove([req.uid])
-            del self.requests[req.req_id]
-            self.by_uid.pop(req.uid, None)
-            events.append(Error(req.req_id, "internal", f"generation failed: {exc}"))
+        """A step failed: fail the requests in it, start a fresh generator, keep serving."""
+        events = [Error(req.req_id, "internal", f"generation failed: {exc}") for req in self.requests.values()]
+        self.totals["failed"] = self.totals.get("failed", 0) + len(events)
+        self.requests.clear()
+        self.by_uid.clear()
+        self.gen = self._new_generator()
         return events
 
     # ---------------------------------------------------------------- status

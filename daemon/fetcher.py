@@ -34,7 +34,7 @@ from moed.ipc import shm
 from moed.ipc.codec import ProtocolError, decode, encode
 from moed.ipc.messages import (PROTOCOL_VERSION, Configure, Read, ReadDone, Ready, Shutdown)
 from moed.ipc.runtime import (endpoint_path, ipc_endpoint, remove_endpoint,
-                              remove_stale_endpoints)
+                              remove_stale_endpoints, restrict_socket)
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,7 @@ class Fetcher:
         endpoint = ipc_endpoint(directory=self.runtime_dir)
         remove_stale_endpoints(endpoint_path(endpoint).parent)  # left by killed supervisors
         router.bind(endpoint)
+        restrict_socket(endpoint)
         self._res = _Resources(ctx, router, endpoint)
         self._finalizer = weakref.finalize(self, self._res.release)
         try:

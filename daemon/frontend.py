@@ -22,6 +22,7 @@ import zmq
 
 from moed.ipc.codec import ProtocolError, decode, encode
 from moed.ipc.messages import Error, Hello, Ping, Pong, Status, StatusQuery, Welcome
+from moed.ipc.runtime import restrict_socket
 
 MAX_MESSAGE_BYTES = 8 << 20
 CLIENT_CHECK_S = 0.5  # how often the pids of connected clients are checked
@@ -62,6 +63,7 @@ class Frontend:
         self._sock.setsockopt(zmq.LINGER, 500)
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self._sock.bind(endpoint)
+        restrict_socket(endpoint)
         self._thread = threading.Thread(target=self._run, name="moed-frontend", daemon=True)
 
     def start(self) -> "Frontend":

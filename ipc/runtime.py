@@ -76,3 +76,10 @@ def remove_endpoint(endpoint: str) -> None:
     path = endpoint_path(endpoint)
     if path is not None:
         path.unlink(missing_ok=True)
+
+
+def restrict_socket(endpoint: str) -> None:
+    """Make an ipc endpoint's socket file owner-only (0600) once bound."""
+    path = endpoint_path(endpoint)
+    if path is not None and path.exists():
+        os.chmod(path, 0o600)
