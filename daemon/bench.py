@@ -109,14 +109,18 @@ def versions() -> dict:
 
 
 def git_commit() -> dict:
+    """The commit measured, and any tracked files that differed from it."""
     root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
+
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                    capture_output=True, text=True).stdout.strip())
+        sha = git("rev-parse", "HEAD")
+        changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
     except OSError:
-        sha, dirty = "unknown", None
-    return {"git_commit": sha or "unknown", "git_dirty": dirty}
+        sha, changed = "", []
+    return {"git_commit": sha or "unknown", "git_dirty": bool(changed), "git_changed_files": changed}
 
 
 def run_one(spec: dict, cold: bool) -> dict:
@@ -221,7 +225,7 @@ def main_concurrency(a, console, model: str, base: dict) -> int:
                   f"{r['hit_rate']:.1%}", f"{r['wall_s']:.1f}")
     from rich.console import Console
 
-    Console().print(t)
+    Console(width=170).print(t)
     console.print(f"wrote {a.out}")
     return 0
 
@@ -280,7 +284,7 @@ def main(a) -> int:
                   f"{r['decode_ratio_vs_mlx_lm']:.2f}", f"{r['prefill_tps']:.1f}", f"{r['ttft_s']:.2f}",
                   f"{r['hit_rate']:.1%}", f"{r['bytes_read_per_token'] / 1e6:.2f}", f"{r['read_gbps']:.2f}",
                   f"{r['peak_rss_bytes'] / 1e6:.0f}")
-    Console().print(t)
+    Console(width=170).print(t)
     console.print(f"wrote {a.out}")
     return 0
 

@@ -111,6 +111,7 @@ def test_http_api_errors_and_metrics(daemon):
     cases = [
         (b"{not json", 400), (json.dumps({"prompt": 3}).encode(), 400),
         (json.dumps({"prompt": "x", "max_tokens": -1}).encode(), 400),
+        (json.dumps({"prompt": "x", "max_tokens": 10**12}).encode(), 400),
         (json.dumps({"prompt": "x", "max_tokens": "many"}).encode(), 400),
         (json.dumps({"prompt": "x", "model": "gpt-17"}).encode(), 404),
         (json.dumps({"prompt": "word " * 40000, "max_tokens": 4}).encode(), 400),
@@ -211,3 +212,15 @@ def test_sigkilled_daemon_raises_daemon_died_and_restart_cleans_up(tiny_models, 
     finally:
         if daemon.poll() is None:
             daemon.kill()
+
+
+def test_chat_commands(daemon):
+    """`moed chat`: a turn rendered, /stats, /system (resets), /reset, an unknown command, /exit."""
+    script = "Hello there\n/stats\n/system You are terse.\nAnd now?\n/reset\n/nope\n/exit\n"
+    p = subprocess.run([*CLI, "chat", "--max-tokens", "6"], input=script, env=daemon["env"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "moed chat" in out and out.count("6 tokens") == 2  # two answered turns
+    assert "hit rate" in out  # /stats shows the daemon's figures
+    assert "system prompt set" in out and "conversation reset" in out and "unknown command" in out
