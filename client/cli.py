@@ -19,6 +19,7 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32"], help="cast bf16/fp16 weights and scales to float32")
     p.add_argument("--no-warm", dest="warm", action="store_false",
                    help="start with an empty expert cache (default: fill it at load)")
+    p.add_argument("--top-k", type=int, help="route each token to K experts instead of the model's top-k")
 
 
 def cmd_make_model(a: argparse.Namespace) -> int:
@@ -40,7 +41,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from moed.daemon.model import load_paged
 
     with load_paged(a.model, cache_fraction=a.cache_fraction, cache_gb=a.cache_gb,
-                    workers=a.workers, dtype=a.dtype, warm=a.warm) as pm:
+                    workers=a.workers, dtype=a.dtype, warm=a.warm, top_k=a.top_k) as pm:
         prompt = encode_prompt(pm.tokenizer, a.prompt, chat=a.chat)
         params = SamplingParams(max_tokens=a.max_tokens, temp=a.temp, seed=a.seed)
         echo = None if a.json else (lambda t: print(t, end="", flush=True))
@@ -92,6 +93,7 @@ def _daemon_args(a: argparse.Namespace) -> list[str]:
     out = ["--model", model, "--workers", str(a.workers), "--max-batch", str(a.max_batch),
            "--max-queue", str(a.max_queue)] + ([] if a.warm else ["--no-warm"])
     for flag, v in (("--cache-fraction", a.cache_fraction), ("--cache-gb", a.cache_gb), ("--dtype", a.dtype),
+                    ("--top-k", a.top_k),
                     ("--http", a.http), ("--api-key", a.api_key)):
         if v is not None:
             out += [flag, str(v)]
@@ -111,7 +113,8 @@ def cmd_daemon(a: argparse.Namespace) -> int:
     if not model:
         raise ValueError("give --model DIR (or --demo)")
     return supervise(DaemonConfig(model=model, cache_fraction=a.cache_fraction, cache_gb=a.cache_gb,
-                                  workers=a.workers, dtype=a.dtype, warm=a.warm, max_batch=a.max_batch,
+                                  workers=a.workers, dtype=a.dtype, warm=a.warm, top_k=a.top_k,
+                                  max_batch=a.max_batch,
                                   max_queue=a.max_queue,
                                   http=a.http, api_key=a.api_key))
 
@@ -213,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=2)
     b.add_argument("--dtype", choices=["float32"])
     b.add_argument("--concurrency", help="e.g. 1,2,4: N concurrent streams through a daemon (first cache fraction)")
+    b.add_argument("--top-k", dest="top_ks", help="e.g. 10,8,6,4: speed and quality (KL, top-1 agreement) per K")
     b.set_defaults(fn=cmd_bench)
 
     for name, fn, hlp in (("start", cmd_start, "start the daemon in the background and wait until it serves"),

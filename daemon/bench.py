@@ -59,18 +59,23 @@ def measure(spec: dict) -> dict:
     params = SamplingParams(max_tokens=spec["max_tokens"], temp=1.0 if spec["sampling"] == "random" else 0.0,
                             seed=spec["seed"])
     t0 = time.perf_counter()
+    if spec["engine"] == "quality":
+        return top_k_quality(spec)
+    if spec["engine"] == "io":
+        return io_probe(spec)
     if spec["engine"] == "mlx-lm":
-        model, tokenizer = load_resident(spec["model"], spec.get("dtype"))
+        model, tokenizer = load_resident(spec["model"], spec.get("dtype"), top_k=spec.get("top_k"))
         pm = None
     else:
         pm = load_paged(spec["model"], cache_fraction=spec["cache_fraction"], workers=spec["workers"],
-                        dtype=spec.get("dtype"))
+                        dtype=spec.get("dtype"), top_k=spec.get("top_k"))
         model, tokenizer = pm.model, pm.tokenizer
     load_s = time.perf_counter() - t0
     try:
         res = run(model, tokenizer, bench_prompt(tokenizer, spec["prompt_tokens"]), params)
         out = {
             "engine": spec["engine"], "cache_fraction": spec["cache_fraction"], "sampling": spec["sampling"],
+            "top_k": spec.get("top_k"),
             "decode_tps": res.decode_tps, "prefill_tps": res.prefill_tps, "ttft_s": res.ttft_s,
             "generated_tokens": len(res.tokens), "prompt_tokens": res.prompt_tokens,
             "load_s": load_s, "peak_rss_bytes": peak_rss_bytes(), "tokens": res.tokens,
@@ -92,6 +97,106 @@ def measure(spec: dict) -> dict:
     finally:
         if pm is not None:
             pm.close()
+
+
+def io_probe(spec: dict) -> dict:
+    """Record a routing trace, then raw parallel reads vs the fetch path on its misses, cold."""
+    from moed.daemon.generate import SamplingParams
+    from moed.daemon.iobench import RAW_THREADS, miss_ranges, path_read, raw_read
+    from moed.daemon.model import expert_index, top_k_of
+    from moed.daemon.trace import record_trace, save_trace
+
+    trace = record_trace(spec["model"], PROMPT_TEXT, SamplingParams(max_tokens=spec["max_tokens"], temp=1.0,
+                                                                     seed=spec["seed"]), spec["workers"])
+    save_trace(trace, spec["trace_out"])
+    table, layers, config = expert_index(spec["model"])
+    files = [str(f) for f in table.files]
+    out = {"engine": "io", "trace": spec["trace_out"], "visits": len(trace["steps"]), "per_fraction": {}}
+    for fraction in spec["fractions"]:
+        visits = miss_ranges(trace, layers, fraction, top_k_of(config))
+        nbytes = sum(n for v in visits for _, _, n in v)
+        raw_state = drop_page_cache()
+        raw_s = raw_read(files, [r for v in visits for r in v])
+        path_state = drop_page_cache()
+        path_s = path_read(files, visits, spec["workers"])
+        out["per_fraction"][str(fraction)] = {
+            "bytes": nbytes, "visits_with_misses": len(visits), "raw_gbps": nbytes / raw_s / 1e9,
+            "io_path_gbps": nbytes / path_s / 1e9, "io_path_fraction_of_raw": raw_s / path_s,
+            "raw_threads": RAW_THREADS, "cache_state": [raw_state, path_state]}
+    return out
+
+
+QUALITY_PROMPTS = [
+    "The history of computing is a story of memory.",
+    "Once upon a time, in a land of small memories and large models, a wizard kept",
+    "def fetch(layer, expert):\n    return cache.get((layer, expert))",
+    "Rain fell on the old city all night, and by morning the river had",
+]
+
+
+def top_k_quality(spec: dict) -> dict:
+    """Top-1 agreement and mean KL(full || K) of next-token distributions, teacher-forced over the
+    fixed prompts followed by the full model's own greedy continuation."""
+    import mlx.core as mx
+
+    from moed.daemon.generate import SamplingParams, run
+    from moed.daemon.model import load_resident, set_top_k, top_k_of
+
+    model, tok = load_resident(spec["model"], spec.get("dtype"))
+    full_k = top_k_of(json.loads((Path(spec["model"]) / "config.json").read_text()))
+    seqs = []
+    for p in QUALITY_PROMPTS:
+        ids = tok.encode(p)
+        seqs.append(ids + run(model, tok, ids, SamplingParams(max_tokens=24)).tokens)
+
+    def logprobs(k: int) -> list:
+        set_top_k(model, k)
+        out = []
+        for ids in seqs:
+            logits = model(mx.array(ids)[None])[0].astype(mx.float32)
+            out.append(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        return out
+
+    ref = logprobs(full_k)
+    result = {"engine": "quality", "full_top_k": full_k, "positions": sum(len(s) for s in seqs), "per_k": {}}
+    for k in spec["top_ks"]:
+        got = logprobs(k)
+        kl = sum(float(mx.sum(mx.exp(r) * (r - g))) for r, g in zip(ref, got)) / result["positions"]
+        agree = sum(int(mx.sum(mx.argmax(r, -1) == mx.argmax(g, -1))) for r, g in zip(ref, got))
+        result["per_k"][str(k)] = {"mean_kl": kl, "top1_agreement": agree / result["positions"]}
+    return result
+
+
+def main_top_k(a, console, model: str, base: dict) -> int:
+    from rich.table import Table
+
+    ks = [int(k) for k in str(a.top_ks).split(",") if k]
+    fraction = float(str(a.cache_fractions).split(",")[0])
+    quality = run_one({**base, "engine": "quality", "top_ks": ks, "cache_fraction": None, "sampling": "greedy"},
+                      cold=False)
+    runs = [run_one({**base, "engine": "mlx-lm", "cache_fraction": None, "sampling": "random"}, a.cold)]
+    for k in ks:
+        console.print(f"[bold]moed[/] cache={fraction} top-k={k} ...")
+        r = run_one({**base, "engine": "moed", "cache_fraction": fraction, "sampling": "random", "top_k": k}, a.cold)
+        r.update(quality["per_k"][str(k)])
+        r["decode_ratio_vs_mlx_lm"] = r["decode_tps"] / runs[0]["decode_tps"]
+        runs.append(r)
+    runs[0]["decode_ratio_vs_mlx_lm"] = 1.0
+    write_provenance(a, model, base, runs + [quality], {"top_ks": ks, "cache_fraction": fraction})
+    t = Table(title=f"moed bench --top-k: {Path(model).name}, cache {fraction}, model top-k {quality['full_top_k']}")
+    for c in ("engine", "top-k", "decode tok/s", "x mlx-lm", "hit rate", "MB read/tok", "top-1 agree", "mean KL"):
+        t.add_column(c, justify="right")
+    for r in runs:
+        t.add_row(r["engine"], str(r.get("top_k") or quality["full_top_k"]), f"{r['decode_tps']:.2f}",
+                  f"{r['decode_ratio_vs_mlx_lm']:.2f}", f"{r['hit_rate']:.1%}",
+                  f"{r['bytes_read_per_token'] / 1e6:.1f}",
+                  f"{r['top1_agreement']:.1%}" if "top1_agreement" in r else "-",
+                  f"{r['mean_kl']:.4f}" if "mean_kl" in r else "-")
+    from rich.console import Console
+
+    Console(width=170).print(t)
+    console.print(f"wrote {a.out}")
+    return 0
 
 
 def machine() -> dict:
@@ -262,19 +367,27 @@ def main(a) -> int:
             "workers": a.workers, "dtype": a.dtype}
     if a.concurrency:
         return main_concurrency(a, console, model, base)
+    if a.top_ks:
+        return main_top_k(a, console, model, base)
     specs = [{**base, "engine": "mlx-lm", "cache_fraction": None, "sampling": s} for s in samplings]
     specs += [{**base, "engine": "moed", "cache_fraction": f, "sampling": s} for s in samplings for f in fractions]
     runs = []
     for spec in specs:
         console.print(f"[bold]{spec['engine']}[/] cache={spec['cache_fraction']} sampling={spec['sampling']} ...")
         runs.append(run_one(spec, a.cold))
+    partial = [f for f in fractions if f < 1]
+    io = None
+    if partial:
+        console.print("[bold]I/O path alone vs raw parallel reads[/] ...")
+        io = run_one({**base, "engine": "io", "fractions": partial, "cache_fraction": None, "sampling": "random",
+                      "trace_out": str(Path(a.out).with_name(Path(a.out).stem + "-trace.json"))}, cold=False)
     resident = {r["sampling"]: r for r in runs if r["engine"] == "mlx-lm"}
     for r in runs:
         ref = resident[r["sampling"]]
         r["decode_ratio_vs_mlx_lm"] = r["decode_tps"] / ref["decode_tps"]
         r["prefill_ratio_vs_mlx_lm"] = r["prefill_tps"] / ref["prefill_tps"]
         r["same_tokens_as_mlx_lm"] = r["tokens"] == ref["tokens"]
-    write_provenance(a, model, base, runs, {"cache_fractions": fractions})
+    write_provenance(a, model, base, runs + ([io] if io else []), {"cache_fractions": fractions})
     t = Table(title=f"moed bench: {Path(model).name}")
     for c in ("engine", "cache", "sampling", "decode tok/s", "x mlx-lm", "prefill tok/s", "ttft s",
               "hit rate", "MB read/tok", "read GB/s", "peak RSS MB"):
@@ -285,6 +398,10 @@ def main(a) -> int:
                   f"{r['hit_rate']:.1%}", f"{r['bytes_read_per_token'] / 1e6:.2f}", f"{r['read_gbps']:.2f}",
                   f"{r['peak_rss_bytes'] / 1e6:.0f}")
     Console(width=170).print(t)
+    if io:
+        for f, r in io["per_fraction"].items():
+            console.print(f"I/O at cache {f}: raw {r['raw_gbps']:.2f} GB/s, fetch path {r['io_path_gbps']:.2f} GB/s "
+                          f"= {r['io_path_fraction_of_raw']:.0%} of raw ({r['bytes'] / 1e6:.0f} MB)")
     console.print(f"wrote {a.out}")
     return 0
 

@@ -99,6 +99,7 @@ class ExpertStore:
         self.slots = [LayerSlots(n, layer.num_experts) for layer, n in zip(layers, n_slots)]
         n = len(layers)
         self.stats = CacheStats(layer_hits=[0] * n, layer_misses=[0] * n)
+        self.trace: list | None = None  # (layer, experts) per decode visit, when recording a trace
         # recent use per (layer, expert), decayed once per model step (half-life ~14 steps)
         self.heat = np.zeros((n, max(layer.num_experts for layer in layers)), dtype=np.float32)
 
@@ -193,13 +194,15 @@ class PagedSwitch(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         slots = self.store.slots[self.layer]
-        if slots.used == len(slots.lut):  # every expert resident: no paging, no host sync
+        if slots.used == len(slots.lut) and self.store.trace is None:  # all resident: no paging, no sync
             if slots.device_lut is None:
                 slots.device_lut = mx.array(slots.lut)
             self.store.count_resident(self.layer, indices.size)
             return self.inner(x, slots.device_lut[indices])
         idx = np.array(indices)  # the one host sync of this layer: the router's choice
         experts = np.unique(idx)
+        if self.store.trace is not None and idx.shape[-2] == 1:  # decode steps only
+            self.store.trace.append((self.layer, experts.tolist()))
         groups = slots.groups(experts)
         if len(groups) > 1:
             return self._by_group(x, idx, groups)

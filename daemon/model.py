@@ -92,6 +92,26 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
+def set_top_k(model: nn.Module, k: int) -> int:
+    """Route every token to `k` experts instead of the config's top-k (the MoE blocks' attribute).
+
+    Returns how many MoE blocks were changed.
+    """
+    n = 0
+    for path, _ in find_switches(model):
+        parent = model
+        for part in path.split(".")[:-1]:
+            parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+        for name in ("top_k", "num_experts_per_tok"):
+            if isinstance(getattr(parent, name, None), int):
+                setattr(parent, name, k)
+                n += 1
+                break
+    if n == 0:
+        raise ValueError("--top-k: this architecture's MoE blocks have no top_k/num_experts_per_tok")
+    return n
+
+
 def top_k_of(config: dict) -> int:
     for cfg in (config, config.get("text_config", {})):
         for key in ("num_experts_per_tok", "moe_top_k", "top_k"):
@@ -100,7 +120,7 @@ def top_k_of(config: dict) -> int:
     raise CheckpointError("config.json names no num_experts_per_tok")
 
 
-def load_resident(path: str | Path, dtype: str | None = None):
+def load_resident(path: str | Path, dtype: str | None = None, top_k: int | None = None):
     """The reference: mlx-lm's own load, everything resident (with the same optional cast)."""
     from mlx_lm import load
 
@@ -108,7 +128,26 @@ def load_resident(path: str | Path, dtype: str | None = None):
     if dtype:
         cast_floats(model, DTYPES[dtype])
         mx.eval(model.parameters())
+    if top_k:
+        set_top_k(model, top_k)
     return model, tokenizer
+
+
+def index_experts(path: Path, switches: list[tuple[str, nn.Module]]) -> tuple[TensorTable, list[ExpertLayer]]:
+    """The byte ranges of every switch module's experts, validated against the model's shapes."""
+    if not switches:
+        raise CheckpointError(f"{path}: no SwitchGLU/SwitchMLP layers, not a mixture-of-experts model")
+    table = TensorTable(path)
+    return table, [table.expert_layer(p, {k: v.shape for k, v in tree_flatten(m.parameters())})
+                   for p, m in switches]
+
+
+def expert_index(model: str | Path) -> tuple[TensorTable, list[ExpertLayer], dict]:
+    """Headers only: the expert index and config of a checkpoint (nothing is read but headers)."""
+    path = resolve_model(model)
+    net, config = load_model(path, lazy=True)
+    table, layers = index_experts(path, find_switches(net))
+    return table, layers, config
 
 
 # ---------------------------------------------------------------- cache sizing
@@ -176,7 +215,8 @@ class PagedModel:
 
 def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_gb: float | None = None,
                workers: int = 2, dtype: str | None = None,
-               warm: bool = True, progress: Callable[[str, float], None] | None = None) -> PagedModel:
+               warm: bool = True, top_k: int | None = None,
+               progress: Callable[[str, float], None] | None = None) -> PagedModel:
     """Load a checkpoint with resident non-expert weights and a bounded expert cache.
 
     Args:
@@ -187,6 +227,7 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
         dtype: cast floating weights and scales to this dtype ("float32"), at load and as
             experts are paged in.
         warm: fill the cache before returning (else it fills on demand).
+        top_k: route each token to this many experts instead of the config's top-k.
         progress: called with (phase, fraction done) as loading goes.
     """
     report = progress or (lambda phase, done: None)
@@ -201,13 +242,11 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
     if cast is not None:
         cast_floats(net, cast)  # lazy: expert tensors are cast too, but never evaluated
     switches = find_switches(net)
-    if not switches:
-        raise CheckpointError(f"{path}: no SwitchGLU/SwitchMLP layers, not a mixture-of-experts model")
     report("indexing experts", 0.05)
-    table = TensorTable(path)
-    layers = [table.expert_layer(p, {k: v.shape for k, v in tree_flatten(m.parameters())})
-              for p, m in switches]
-    top_k = top_k_of(config)
+    table, layers = index_experts(path, switches)
+    if top_k:
+        set_top_k(net, top_k)
+    top_k = top_k or top_k_of(config)
     n_slots = slots_per_layer(layers, top_k, cast, cache_fraction, cache_gb)
     staging = max(n * layer.expert_nbytes for n, layer in zip(n_slots, layers))
     report("starting I/O workers", 0.1)

@@ -37,6 +37,7 @@ class DaemonConfig:
     workers: int = 2
     dtype: str | None = None
     warm: bool = True
+    top_k: int | None = None
     max_batch: int = 8
     max_queue: int = 32
     http: str | None = None  # "HOST:PORT"
@@ -122,7 +123,7 @@ class Supervisor:
 
         c = self.cfg
         self.pm = load_paged(c.model, cache_fraction=c.cache_fraction, cache_gb=c.cache_gb, workers=c.workers,
-                             dtype=c.dtype, warm=c.warm, progress=progress)
+                             dtype=c.dtype, warm=c.warm, top_k=c.top_k, progress=progress)
         self.core = EngineCore(self.pm.model, self.pm.tokenizer, max_batch=c.max_batch, max_queue=c.max_queue,
                                context=context_length(self.pm.config))
 

@@ -96,3 +96,13 @@ def test_cache_budget_by_gb(tiny_models):
         assert pm.info["slots_per_layer"] == pm.info["experts_per_layer"]
     with pytest.raises(ValueError, match="cache-fraction"):
         load_paged(tiny_models["mixtral"], cache_fraction=1.5)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_5_moe"])
+def test_top_k_override_matches_mlx_lm_with_the_same_override(arch, tiny_models):
+    model, tok = load_resident(tiny_models[arch], top_k=2)
+    ref = run(model, tok, PROMPTS[1], SamplingParams(max_tokens=24))
+    full = run(*load_resident(tiny_models[arch]), PROMPTS[1], SamplingParams(max_tokens=24))
+    with load_paged(tiny_models[arch], cache_fraction=0.25, top_k=2) as pm:
+        r = run(pm.model, pm.tokenizer, PROMPTS[1], SamplingParams(max_tokens=24))
+    assert r.tokens == ref.tokens and r.tokens != full.tokens

@@ -1,0 +1,66 @@
+"""The I/O path measured alone against the raw disk, in the same run (part of `moed bench`).
+
+A routing trace is replayed through the engine's slot tables (LRU, per layer) to get the byte
+ranges a cache of that size misses, visit by visit. Then, each from a cold page cache:
+- raw: the same ranges read with `os.pread` from a pool of threads (the device's parallel limit);
+- path: the same ranges, visit by visit, through the Fetcher and its worker processes into shared
+  memory (what the engine pays per layer, without compute or the copy into slots).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from moed.daemon.cache import LayerSlots
+from moed.daemon.fetcher import Fetcher
+from moed.workers.index import ExpertLayer
+
+RAW_THREADS = 8
+
+
+def miss_ranges(trace: dict, layers: list[ExpertLayer], fraction: float, top_k: int) -> list[list]:
+    """Per visit, the (file, offset, length) ranges an LRU cache of `fraction` would read."""
+    slots = [LayerSlots(max(top_k, round(fraction * layer.num_experts)), layer.num_experts) for layer in layers]
+    visits = []
+    for layer, experts in trace["steps"]:
+        _, filled = slots[layer].assign(np.asarray(experts))
+        if filled:
+            visits.append([r for e, _ in filled for r in layers[layer].ranges(e)])
+    return visits
+
+
+def raw_read(files: list[str], ranges: list, threads: int = RAW_THREADS) -> float:
+    """Seconds to read `ranges` with parallel preads."""
+    fds = [os.open(f, os.O_RDONLY) for f in files]
+    size = max(n for _, _, n in ranges)
+    bufs = [bytearray(size) for _ in range(threads)]
+
+    def read(i_r):
+        i, (f, off, n) = i_r
+        view = memoryview(bufs[i % threads])[:n]
+        got = 0
+        while got < n:
+            got += os.preadv(fds[f], [view[got:]], off + got)
+
+    try:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(read, enumerate(ranges)))
+        return time.perf_counter() - t0
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def path_read(files: list[str], visits: list[list], workers: int) -> float:
+    """Seconds to read the visits' ranges through the Fetcher, one read() per visit."""
+    staging = max(sum(n for _, _, n in v) for v in visits) * 2
+    with Fetcher(files, workers=workers, staging_bytes=staging) as f:
+        t0 = time.perf_counter()
+        for v in visits:
+            f.read(v)
+        return time.perf_counter() - t0

@@ -1,0 +1,30 @@
+"""Routing traces: which experts each MoE layer needed at each decode step (`moed trace`).
+
+A trace drives the offline policy simulator (policy.py) and the I/O-path probe of the bench.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moed.daemon.generate import SamplingParams, run
+from moed.daemon.model import load_paged
+
+
+def record_trace(model: str, prompt: str, params: SamplingParams, workers: int = 2) -> dict:
+    """Generate once and return the routing trace (decode steps; prefill is left out)."""
+    with load_paged(model, cache_fraction=1.0, workers=workers, warm=False) as pm:
+        pm.store.trace = []
+        res = run(pm.model, pm.tokenizer, prompt, params)
+        steps = pm.store.trace
+        pm.store.trace = None
+        return {"kind": "moed-trace", "model": str(pm.path), "top_k": pm.top_k,
+                "num_experts": pm.info["experts_per_layer"], "tokens": len(res.tokens),
+                "sampling": {"temp": params.temp, "seed": params.seed, "max_tokens": params.max_tokens},
+                "steps": [[layer, experts] for layer, experts in steps]}
+
+
+def save_trace(trace: dict, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(trace))
