@@ -216,7 +216,7 @@ class Fetcher:
 
     def worker_states(self) -> list[dict]:
         """Per worker: pid, alive, queued bytes (its outstanding Read), restarts (for status)."""
-        return [{"pid": w.proc.pid, "alive": w.proc.poll() is None,
+        return [{"pid": w.proc.pid, "alive": w.proc.poll() is None, "ready": w.identity is not None,
                  "queued_bytes": sum(it[2] for it in w.pending.items) if w.pending else 0,
                  "restarts": w.restarts} for w in list(self._workers)]
 

@@ -41,6 +41,7 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Sequence
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ def validate_trace(trace: dict) -> dict:
     Raises ValueError naming what is wrong (and where).
     """
     if not isinstance(trace, dict):
-        raise ValueError(f"trace must be a JSON object, got {type(trace).__name__}")
+        raise ValueError(f"trace must be a JSON object, got {type(trace).__name__}")  # noqa: TRY004
     if trace.get("kind") != TRACE_KIND:
         raise ValueError(f"trace kind must be {TRACE_KIND!r}, got {trace.get('kind')!r}")
     num_experts = trace.get("num_experts")
@@ -80,7 +81,7 @@ def validate_trace(trace: dict) -> dict:
         raise ValueError(f"trace top_k {top_k} exceeds the smallest layer's {min(num_experts)} experts")
     steps = trace.get("steps")
     if not isinstance(steps, list):
-        raise ValueError("trace steps must be a list of [moe_layer, [experts...]] pairs")
+        raise ValueError("trace steps must be a list of [moe_layer, [experts...]] pairs")  # noqa: TRY004
     n_layers = len(num_experts)
     out_steps = []
     for i, step in enumerate(steps):
@@ -96,7 +97,7 @@ def validate_trace(trace: dict) -> dict:
             if not _is_int(e) or not 0 <= e < n:
                 raise ValueError(f"trace steps[{i}]: expert {e!r} out of range [0, {n}) of layer {layer}")
         ex = sorted(int(e) for e in experts)
-        if any(a == b for a, b in zip(ex, ex[1:])):
+        if any(a == b for a, b in pairwise(ex)):
             raise ValueError(f"trace steps[{i}]: duplicate experts in {list(experts)!r}")
         out_steps.append([int(layer), ex])
     model = trace.get("model")
@@ -334,7 +335,7 @@ class Future:
         nxt[order[:-1][same]] = times[order[1:][same]]
         flat_next = nxt.tolist()
         bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
-        self.next_use = [flat_next[a:b] for a, b in zip(bounds, bounds[1:])]
+        self.next_use = [flat_next[a:b] for a, b in pairwise(bounds)]
 
     def __len__(self):
         return len(self.visits)
@@ -440,8 +441,7 @@ class _Prepared:
         self.visits = [tuple(offsets[layer] + e for e in ex) for layer, ex in trace["steps"]]
         self.largest = [0] * self.n_layers
         for layer, keys in zip(self.layers, self.visits):
-            if len(keys) > self.largest[layer]:
-                self.largest[layer] = len(keys)
+            self.largest[layer] = max(self.largest[layer], len(keys))
         self._future: Future | None = None
 
     @property

@@ -42,8 +42,13 @@ def test_worker_sigkills_during_generation_keep_tokens(tiny_models):
                 except ProcessLookupError:
                     continue
                 kills.append(1)
-                deadline = time.monotonic() + 10
-                while pm.fetcher.stats.respawns == before and time.monotonic() < deadline and not stop.is_set():
+                deadline = time.monotonic() + 20
+
+                def replaced():  # respawned, and the new worker said Ready
+                    states = pm.fetcher.worker_states()
+                    return pm.fetcher.stats.respawns > before and all(w["ready"] for w in states)
+
+                while not replaced() and time.monotonic() < deadline and not stop.is_set():
                     time.sleep(0.005)
                 time.sleep(rng.uniform(0.0, 0.05))
 
