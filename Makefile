@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_MODEL ?= models/tiny-qwen3_5_moe
 
-.PHONY: venv tools demo test test-all bench clean
+.PHONY: venv tools demo test test-all bench bench-big clean
 
 venv: $(STAMP)
 
@@ -38,11 +38,23 @@ test-all: venv tools
 	$(BIN)/python -m pytest -q -m ""
 
 MED := models/med-qwen3_moe
+BIG := models/big40-qwen3_moe
+R := bench/results
+# Every figure the README quotes; each writes its own provenance file under bench/results/.
 bench: venv
 	$(BIN)/moed make-model $(MED) --arch qwen3_moe --preset med --skip-existing
-	$(BIN)/moed bench --model $(MED) --out bench/results/med-paged.json --cold --sampling random,greedy
-	$(BIN)/moed bench --model $(MED) --out bench/results/med-concurrency.json --cold --concurrency 1,2,4 \
+	$(BIN)/moed bench --model $(MED) --out $(R)/med-paged.json --cold --sampling random,greedy
+	$(BIN)/moed bench --model $(MED) --out $(R)/med-concurrency.json --cold --concurrency 1,2,4 \
 		--cache-fractions 0.25 --sampling random,greedy
+	$(BIN)/moed bench --model $(MED) --out $(R)/med-top-k.json --cold --top-k 8,6,4,2 --cache-fractions 0.25
+	$(BIN)/moed trace --model $(MED) --out $(R)/med-trace-256.json --max-tokens 256
+	$(BIN)/moed policy $(R)/med-trace-256.json --fractions 0.1,0.25,0.5 --out $(R)/med-policy.json
+
+# A checkpoint larger than this machine's RAM (40 GB; ~15 min to write), decoded from a 2 GB cache.
+bench-big: venv
+	$(BIN)/moed make-model $(BIG) --arch qwen3_moe --preset med --size-gb 40 --skip-existing
+	$(BIN)/moed bench --model $(BIG) --out $(R)/big40.json --cold --skip-mlx-lm --cache-fractions 0.05 \
+		--sampling random --max-tokens 16
 
 clean:
 	rm -rf $(VENV) models

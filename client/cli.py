@@ -62,6 +62,23 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace(a: argparse.Namespace) -> int:
+    from moed.daemon.generate import SamplingParams
+    from moed.daemon.trace import record_trace, save_trace
+
+    trace = record_trace(a.model, a.prompt, SamplingParams(max_tokens=a.max_tokens, temp=a.temp, seed=a.seed),
+                         workers=a.workers)
+    save_trace(trace, a.out)
+    print(f"wrote {a.out}: {trace['tokens']} tokens, {len(trace['steps'])} layer visits")
+    return 0
+
+
+def cmd_policy(a: argparse.Namespace) -> int:
+    from moed.daemon.policy import main as policy_main
+
+    return policy_main([a.trace, *a.args])
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from moed.daemon.bench import main as bench_main
 
@@ -205,6 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     _cache_args(g)
     g.set_defaults(fn=cmd_generate)
 
+    tr = sub.add_parser("trace", help="record which experts each layer needs per decode step")
+    tr.add_argument("--model", required=True)
+    tr.add_argument("--out", required=True, help="trace JSON file to write")
+    tr.add_argument("--prompt", default="The history of computing is a story of memory.")
+    tr.add_argument("--max-tokens", type=int, default=256)
+    tr.add_argument("--temp", type=float, default=1.0)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--workers", type=int, default=2)
+    tr.set_defaults(fn=cmd_trace)
+    po = sub.add_parser("policy", help="replay a trace under LRU/LFU/LFUDA/Belady, per-layer or global pools")
+    po.add_argument("trace")
+    po.add_argument("args", nargs=argparse.REMAINDER, help="--fractions 0.1,0.25,0.5 --out FILE.json ...")
+    po.set_defaults(fn=cmd_policy)
+
     b = sub.add_parser("bench", help="mlx-lm resident vs moed at several cache sizes, one run")
     b.add_argument("--model", required=True)
     b.add_argument("--out", required=True, help="provenance JSON file to write")
@@ -216,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=2)
     b.add_argument("--dtype", choices=["float32"])
     b.add_argument("--concurrency", help="e.g. 1,2,4: N concurrent streams through a daemon (first cache fraction)")
+    b.add_argument("--skip-mlx-lm", action="store_true", help="no resident baseline (a model larger than RAM)")
     b.add_argument("--top-k", dest="top_ks", help="e.g. 10,8,6,4: speed and quality (KL, top-1 agreement) per K")
     b.set_defaults(fn=cmd_bench)
 

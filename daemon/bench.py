@@ -369,7 +369,8 @@ def main(a) -> int:
         return main_concurrency(a, console, model, base)
     if a.top_ks:
         return main_top_k(a, console, model, base)
-    specs = [{**base, "engine": "mlx-lm", "cache_fraction": None, "sampling": s} for s in samplings]
+    specs = [] if a.skip_mlx_lm else [{**base, "engine": "mlx-lm", "cache_fraction": None, "sampling": s}
+                                      for s in samplings]
     specs += [{**base, "engine": "moed", "cache_fraction": f, "sampling": s} for s in samplings for f in fractions]
     runs = []
     for spec in specs:
@@ -383,10 +384,11 @@ def main(a) -> int:
                       "trace_out": str(Path(a.out).with_name(Path(a.out).stem + "-trace.json"))}, cold=False)
     resident = {r["sampling"]: r for r in runs if r["engine"] == "mlx-lm"}
     for r in runs:
-        ref = resident[r["sampling"]]
-        r["decode_ratio_vs_mlx_lm"] = r["decode_tps"] / ref["decode_tps"]
-        r["prefill_ratio_vs_mlx_lm"] = r["prefill_tps"] / ref["prefill_tps"]
-        r["same_tokens_as_mlx_lm"] = r["tokens"] == ref["tokens"]
+        ref = resident.get(r["sampling"])
+        if ref is not None:
+            r["decode_ratio_vs_mlx_lm"] = r["decode_tps"] / ref["decode_tps"]
+            r["prefill_ratio_vs_mlx_lm"] = r["prefill_tps"] / ref["prefill_tps"]
+            r["same_tokens_as_mlx_lm"] = r["tokens"] == ref["tokens"]
     write_provenance(a, model, base, runs + ([io] if io else []), {"cache_fractions": fractions})
     t = Table(title=f"moed bench: {Path(model).name}")
     for c in ("engine", "cache", "sampling", "decode tok/s", "x mlx-lm", "prefill tok/s", "ttft s",
@@ -394,7 +396,8 @@ def main(a) -> int:
         t.add_column(c, justify="right")
     for r in runs:
         t.add_row(r["engine"], str(r["cache_fraction"] or "-"), r["sampling"], f"{r['decode_tps']:.2f}",
-                  f"{r['decode_ratio_vs_mlx_lm']:.2f}", f"{r['prefill_tps']:.1f}", f"{r['ttft_s']:.2f}",
+                  f"{r['decode_ratio_vs_mlx_lm']:.2f}" if "decode_ratio_vs_mlx_lm" in r else "-",
+                  f"{r['prefill_tps']:.1f}", f"{r['ttft_s']:.2f}",
                   f"{r['hit_rate']:.1%}", f"{r['bytes_read_per_token'] / 1e6:.2f}", f"{r['read_gbps']:.2f}",
                   f"{r['peak_rss_bytes'] / 1e6:.0f}")
     Console(width=170).print(t)

@@ -14,7 +14,8 @@ from moed.daemon.model import load_paged
 
 def record_trace(model: str, prompt: str, params: SamplingParams, workers: int = 2) -> dict:
     """Generate once and return the routing trace (decode steps; prefill is left out)."""
-    with load_paged(model, cache_fraction=1.0, workers=workers, warm=False) as pm:
+    # the routing does not depend on the cache (outputs are exact), so the smallest one will do
+    with load_paged(model, cache_fraction=1e-9, workers=workers, warm=False) as pm:
         pm.store.trace = []
         res = run(pm.model, pm.tokenizer, prompt, params)
         steps = pm.store.trace
