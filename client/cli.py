@@ -66,8 +66,8 @@ def cmd_trace(a: argparse.Namespace) -> int:
     from moed.daemon.generate import SamplingParams
     from moed.daemon.trace import record_trace, save_trace
 
-    trace = record_trace(a.model, a.prompt, SamplingParams(max_tokens=a.max_tokens, temp=a.temp, seed=a.seed),
-                         workers=a.workers)
+    params = SamplingParams(max_tokens=a.max_tokens, temp=a.temp, seed=a.seed, ignore_eos=True)
+    trace = record_trace(a.model, a.prompt, params, workers=a.workers)
     save_trace(trace, a.out)
     print(f"wrote {a.out}: {trace['tokens']} tokens, {len(trace['steps'])} layer visits")
     return 0

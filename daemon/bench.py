@@ -57,7 +57,7 @@ def measure(spec: dict) -> dict:
     from moed.daemon.model import load_paged, load_resident
 
     params = SamplingParams(max_tokens=spec["max_tokens"], temp=1.0 if spec["sampling"] == "random" else 0.0,
-                            seed=spec["seed"])
+                            seed=spec["seed"], ignore_eos=True)
     t0 = time.perf_counter()
     if spec["engine"] == "quality":
         return top_k_quality(spec)
@@ -107,7 +107,8 @@ def io_probe(spec: dict) -> dict:
     from moed.daemon.trace import record_trace, save_trace
 
     trace = record_trace(spec["model"], PROMPT_TEXT, SamplingParams(max_tokens=spec["max_tokens"], temp=1.0,
-                                                                     seed=spec["seed"]), spec["workers"])
+                                                                     seed=spec["seed"], ignore_eos=True),
+                         spec["workers"])
     save_trace(trace, spec["trace_out"])
     table, layers, config = expert_index(spec["model"])
     files = [str(f) for f in table.files]
@@ -147,7 +148,7 @@ def top_k_quality(spec: dict) -> dict:
     seqs = []
     for p in QUALITY_PROMPTS:
         ids = tok.encode(p)
-        seqs.append(ids + run(model, tok, ids, SamplingParams(max_tokens=24)).tokens)
+        seqs.append(ids + run(model, tok, ids, SamplingParams(max_tokens=24, ignore_eos=True)).tokens)
 
     def logprobs(k: int) -> list:
         set_top_k(model, k)
@@ -218,10 +219,10 @@ def git_commit() -> dict:
     root = Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout
 
     try:
-        sha = git("rev-parse", "HEAD")
+        sha = git("rev-parse", "HEAD").strip()
         changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
     except OSError:
         sha, changed = "", []

@@ -22,6 +22,7 @@ class SamplingParams:
     temp: float = 0.0
     top_p: float = 0.0
     seed: int | None = 0
+    ignore_eos: bool = False  # benchmarks and traces: always decode max_tokens
 
 
 @dataclass
@@ -60,7 +61,20 @@ def stream(model, tokenizer, prompt: str | list[int], params: SamplingParams) ->
     if params.seed is not None:
         mx.random.seed(params.seed)
     sampler = make_sampler(temp=params.temp, top_p=params.top_p)
-    yield from stream_generate(model, tokenizer, prompt, max_tokens=params.max_tokens, sampler=sampler)
+    processors = [_ban(sorted(tokenizer.eos_token_ids))] if params.ignore_eos else None
+    yield from stream_generate(model, tokenizer, prompt, max_tokens=params.max_tokens, sampler=sampler,
+                               logits_processors=processors)
+
+
+def _ban(token_ids: list[int]):
+    """A logits processor that makes `token_ids` impossible."""
+    ids = mx.array(token_ids)
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        logits[..., ids] = -mx.inf
+        return logits
+
+    return process
 
 
 def run(model, tokenizer, prompt: str | list[int], params: SamplingParams, on_text=None) -> GenerationResult:

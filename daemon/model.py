@@ -80,8 +80,9 @@ def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
 
 
 def find_switches(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every mlx-lm expert module (SwitchGLU / SwitchMLP), by module path."""
-    return [(p, m) for p, m in model.named_modules() if isinstance(m, (SwitchGLU, SwitchMLP))]
+    """Every mlx-lm expert module (SwitchGLU / SwitchMLP) by module path, in layer order."""
+    found = [(p, m) for p, m in model.named_modules() if isinstance(m, (SwitchGLU, SwitchMLP))]
+    return sorted(found, key=lambda pm: [int(t) if t.isdigit() else -1 for t in pm[0].split(".")])
 
 
 def set_module(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -141,15 +141,24 @@ def test_native_bad_input_and_abort(daemon, monkeypatch):
         assert c.complete(PROMPT_A, max_tokens=3)[2].completion_tokens == 3
 
 
-def test_killed_client_has_its_request_aborted(daemon):
+def test_killed_client_has_its_request_aborted(daemon, monkeypatch):
+    """A client killed mid-stream: its request is aborted, a concurrent stream goes on unchanged."""
+    monkeypatch.setenv("MOED_RUNTIME_DIR", str(daemon["runtime"]))
     env = daemon["env"]
+    with Client() as c:
+        ref = c.complete(PROMPT_B, max_tokens=64)[1]
     before = status(env)["totals"]["aborted"]
     script = ("from moed.client import Client\nc = Client()\n"
               "for ev in c.generate('x', max_tokens=3000):\n    print('tok', flush=True)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
     proc.stdout.readline()
-    proc.kill()
-    proc.wait()
+    with Client() as c:
+        other = c.generate(PROMPT_B, max_tokens=64)
+        ids = [next(other).token]
+        proc.kill()
+        proc.wait()
+        ids += [ev.token for ev in other if not isinstance(ev, Finished)]
+    assert ids == ref
     snap = wait_until(lambda: (s := status(env))["totals"]["aborted"] > before and not s["requests"] and s)
     assert snap["totals"]["aborted"] == before + 1
 
