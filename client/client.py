@@ -77,6 +77,15 @@ def _raise_error(msg: Error):
     raise RequestRejected(msg.code, msg.message)
 
 
+def _ends_stream(msg) -> bool:
+    """True for a stream's Finished; raises for its Error (or a DaemonDied passed along)."""
+    if isinstance(msg, BaseException):
+        raise msg
+    if isinstance(msg, Error):
+        _raise_error(msg)
+    return isinstance(msg, Finished)
+
+
 class _Liveness:
     """Paranoid-Pirate style: any message resets it; silence sends pings, then declares death."""
 
@@ -162,13 +171,10 @@ class Client:
         try:
             while not done:
                 msg = self._next(lambda m: getattr(m, "req_id", None) == req.req_id)
-                if isinstance(msg, Error):
-                    done = True
-                    _raise_error(msg)
-                done = isinstance(msg, Finished)
+                done = _ends_stream(msg)
                 yield msg
         finally:
-            if not done:
+            if not done:  # closed early, or failed: make sure the daemon stops it
                 self._send(Abort(req.req_id))
 
     def chat(self, messages: list[dict], **kw) -> Iterator[Token | Finished]:
@@ -273,13 +279,7 @@ class AsyncClient:
         try:
             while not done:
                 msg = await q.get()
-                if isinstance(msg, BaseException):
-                    done = True
-                    raise msg
-                if isinstance(msg, Error):
-                    done = True
-                    _raise_error(msg)
-                done = isinstance(msg, Finished)
+                done = _ends_stream(msg)
                 yield msg
         finally:
             self._queues.pop(req.req_id, None)
