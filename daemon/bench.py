@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -305,6 +306,7 @@ def concurrency_run(model: str, fraction: float, n: int, spec: dict, cold: bool)
         except Exception:
             daemon.kill()
             daemon.wait()
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def main_concurrency(a, console, model: str, base: dict) -> int:
