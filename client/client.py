@@ -19,7 +19,6 @@ import uuid
 from collections import defaultdict, deque
 from typing import AsyncIterator, Iterator
 
-import psutil
 import zmq
 import zmq.asyncio
 
@@ -27,6 +26,7 @@ from moed.ipc.codec import ProtocolError, decode, encode
 from moed.ipc.connection import daemon_files, read_connection
 from moed.ipc.messages import (Abort, Error, Finished, Generate, Hello, Ping, Pong, Status, StatusQuery,
                                StopDaemon, Token, Welcome)
+from moed.ipc.runtime import process_alive
 
 POLL_S = 0.2  # how often a waiting client checks the daemon is alive
 PING_AFTER_S = 0.5  # silence before the client pings
@@ -51,13 +51,6 @@ class RequestRejected(MoedError):
     def __init__(self, code: str, message: str):
         super().__init__(f"{code}: {message}")
         self.code, self.reason = code, message
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def _connection(runtime_dir) -> dict:
@@ -100,7 +93,7 @@ class _Liveness:
     def check(self) -> bool:
         """Raise DaemonDied if dead; True if a ping should be sent now."""
         silent = time.monotonic() - self.last_heard
-        if not _alive(self.pid) or silent > DEAD_AFTER_S:
+        if not process_alive(self.pid) or silent > DEAD_AFTER_S:
             raise DaemonDied(f"the moed daemon (pid {self.pid}) died")
         return silent > PING_AFTER_S
 

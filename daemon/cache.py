@@ -99,6 +99,3 @@ class LayerSlots:
     @property
     def used(self) -> int:
         return len(self._lru)
-
-    def resident(self) -> list[int]:
-        return list(self._lru)

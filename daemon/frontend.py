@@ -17,22 +17,15 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import psutil
 import zmq
 
 from moed.ipc.codec import ProtocolError, decode, encode
 from moed.ipc.messages import Error, Hello, Ping, Pong, Status, StatusQuery, Welcome
-from moed.ipc.runtime import restrict_socket
+from moed.ipc.runtime import process_alive, restrict_socket
 
 MAX_MESSAGE_BYTES = 8 << 20
 CLIENT_CHECK_S = 0.5  # how often the pids of connected clients are checked
 
-
-def process_alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @dataclass(frozen=True)

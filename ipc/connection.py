@@ -81,6 +81,3 @@ def read_pid(files: DaemonFiles) -> int | None:
 def remove_files(files: DaemonFiles) -> None:
     for p in (files.connection, files.pid, files.socket):
         p.unlink(missing_ok=True)
-
-
-pid_alive = _pid_alive

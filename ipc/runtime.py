@@ -66,6 +66,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, exited but not yet reaped, counts as gone)."""
+    import psutil  # lazily: workers import this module and never need it
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def endpoint_path(endpoint: str) -> Path | None:
     """The socket file behind an `ipc://` endpoint (None for other transports)."""
     return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
