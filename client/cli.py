@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+from moed.client import launch
+
 
 def _cache_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
@@ -36,22 +38,44 @@ def cmd_make_model(a: argparse.Namespace) -> int:
     return 0
 
 
+def _launched(a: argparse.Namespace) -> int | None:
+    """With --ranks/--hosts: run this very command on every rank, in the foreground."""
+    from moed.client import launch
+
+    if not launch.wants_launch(a):
+        return None
+    return launch.run(launch.strip_rank_args(a.argv), a.ranks, a.hosts)
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
+    if (code := _launched(a)) is not None:
+        return code
+    from dataclasses import asdict
+
     from moed.daemon.generate import SamplingParams, encode_prompt, peak_rss_bytes, run
     from moed.daemon.model import load_paged
+    from moed.daemon.ranks import link, rank_status
 
+    lk = link()
+    rank = lk.rank if lk else 0
     with load_paged(a.model, cache_fraction=a.cache_fraction, cache_gb=a.cache_gb,
-                    workers=a.workers, dtype=a.dtype, warm=a.warm, top_k=a.top_k) as pm:
+                    workers=a.workers, dtype=a.dtype, warm=a.warm, top_k=a.top_k,
+                    group=lk.group if lk else None) as pm:
         prompt = encode_prompt(pm.tokenizer, a.prompt, chat=a.chat)
-        params = SamplingParams(max_tokens=a.max_tokens, temp=a.temp, seed=a.seed)
-        echo = None if a.json else (lambda t: print(t, end="", flush=True))
+        params = SamplingParams(max_tokens=a.max_tokens, temp=a.temp, seed=a.seed, ignore_eos=a.ignore_eos)
+        echo = None if a.json or rank else (lambda t: print(t, end="", flush=True))
         res = run(pm.model, pm.tokenizer, prompt, params, on_text=echo)
+        ranks = [asdict(s) for s in lk.gather(rank_status(pm, rank))] if lk else []
         st = pm.store.stats
-        out = {**res.as_dict(), "hit_rate": st.hit_rate, "bytes_read": st.bytes_read,
+        hits, misses = (sum(r["hits"] for r in ranks), sum(r["misses"] for r in ranks)) if ranks else (st.hits, st.misses)
+        out = {**res.as_dict(), "hit_rate": hits / max(1, hits + misses),
+               "bytes_read": sum(r["bytes_read"] for r in ranks) if ranks else st.bytes_read,
                "peak_rss_bytes": peak_rss_bytes(), "cache_bytes": pm.info["cache_bytes"],
                "non_expert_bytes": pm.non_expert_bytes, "expert_bytes": pm.expert_bytes,
                "slots_per_layer": pm.info["slots_per_layer"], "workers": a.workers,
-               "worker_pids": pm.fetcher.pids}
+               "worker_pids": pm.fetcher.pids, "ranks": ranks}
+    if rank:
+        return 0
     if a.json:
         print(json.dumps(out))
     else:
@@ -120,10 +144,13 @@ def _daemon_args(a: argparse.Namespace) -> list[str]:
 def cmd_start(a: argparse.Namespace) -> int:
     from moed.client import control
 
-    return control.start(_daemon_args(a))
+    return control.start(_daemon_args(a), ranks=a.ranks, hosts=a.hosts)
 
 
 def cmd_daemon(a: argparse.Namespace) -> int:
+    if (code := _launched(a)) is not None:
+        return code
+    from moed.daemon.ranks import link
     from moed.daemon.supervisor import DaemonConfig, main as supervise
 
     model = demo_model() if a.demo else a.model
@@ -133,7 +160,7 @@ def cmd_daemon(a: argparse.Namespace) -> int:
                                   workers=a.workers, dtype=a.dtype, warm=a.warm, top_k=a.top_k,
                                   max_batch=a.max_batch,
                                   max_queue=a.max_queue,
-                                  http=a.http, api_key=a.api_key))
+                                  http=a.http, api_key=a.api_key), link())
 
 
 def cmd_stop(a: argparse.Namespace) -> int:
@@ -219,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    g.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens (benchmarks)")
     _cache_args(g)
+    launch.add_rank_args(g)
     g.set_defaults(fn=cmd_generate)
 
     tr = sub.add_parser("trace", help="record which experts each layer needs per decode step")
@@ -247,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=2)
     b.add_argument("--dtype", choices=["float32"])
     b.add_argument("--concurrency", help="e.g. 1,2,4: N concurrent streams through a daemon (first cache fraction)")
+    b.add_argument("--ranks", help="e.g. 1,2: the model split across N local ranks (first cache fraction)")
     b.add_argument("--skip-mlx-lm", action="store_true", help="no resident baseline (a model larger than RAM)")
     b.add_argument("--top-k", dest="top_ks", help="e.g. 10,8,6,4: speed and quality (KL, top-1 agreement) per K")
     b.set_defaults(fn=cmd_bench)
@@ -261,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("--max-queue", type=int, default=32, help="requests admitted before rejecting (default 32)")
         d.add_argument("--http", metavar="HOST:PORT", help="serve the OpenAI-compatible API, e.g. 127.0.0.1:8000")
         d.add_argument("--api-key", help="require this bearer token on the HTTP API")
+        launch.add_rank_args(d)
         d.set_defaults(fn=fn)
 
     sub.add_parser("stop", help="stop the daemon").set_defaults(fn=cmd_stop)
@@ -292,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.fn(args) or 0
     except KeyboardInterrupt:

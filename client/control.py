@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import psutil
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from moed.client import launch
 from moed.client.client import Client, DaemonNotRunning, MoedError
 from moed.ipc.connection import daemon_files, read_pid
 
@@ -30,8 +32,12 @@ def log_tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
-def start(daemon_args: list[str], runtime_dir: str | None = None, quiet: bool = False) -> int:
-    """Launch the daemon in the background; return once it serves (0) or failed (1)."""
+def start(daemon_args: list[str], runtime_dir: str | None = None, quiet: bool = False,
+          ranks: int | None = None, hosts: str | None = None) -> int:
+    """Launch the daemon in the background; return once it serves (0) or failed (1).
+
+    With `ranks`/`hosts` the daemon runs on every rank under mlx.launch (rank 0 serves).
+    """
     files = daemon_files(runtime_dir)
     if (pid := read_pid(files)) is not None:
         print(f"moed is already running (pid {pid}); `moed stop` first", file=sys.stderr)
@@ -41,9 +47,12 @@ def start(daemon_args: list[str], runtime_dir: str | None = None, quiet: bool = 
         env["MOED_RUNTIME_DIR"] = str(runtime_dir)
     fd = os.open(files.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moed.client.cli", "daemon", *daemon_args],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=env)
+        out = {"stdout": log, "stderr": subprocess.STDOUT, "start_new_session": True, "env": env}
+        if ranks is not None or hosts is not None:
+            proc = launch.spawn(["daemon", *daemon_args], ranks, hosts, **out)
+        else:
+            proc = subprocess.Popen([sys.executable, "-m", "moed.client.cli", "daemon", *daemon_args],
+                                    stdin=subprocess.DEVNULL, **out)
     console = Console(stderr=True, quiet=quiet)
     deadline = time.monotonic() + START_TIMEOUT_S
     with Progress(TextColumn("[bold]moed[/] {task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
@@ -62,7 +71,8 @@ def start(daemon_args: list[str], runtime_dir: str | None = None, quiet: bool = 
         else:
             console.print(f"[red]moed did not become ready in {START_TIMEOUT_S:.0f} s[/]; see {files.log}")
             return 1
-    console.print(f"moed ready (pid {proc.pid}): {snap['model']}  log: {files.log}")
+    ranks_note = f", {len(snap['ranks'])} ranks" if snap.get("ranks") else ""
+    console.print(f"moed ready (pid {snap['pid']}{ranks_note}): {snap['model']}  log: {files.log}")
     return 0
 
 
@@ -81,18 +91,21 @@ def stop(runtime_dir: str | None = None, timeout: float = 30.0) -> int:
     if pid is None:
         print("moed is not running", file=sys.stderr)
         return 0
+    others = []  # the other ranks on this host, when the model is split
     try:
         with Client(runtime_dir, name="moed stop") as c:
+            others = [r["pid"] for r in c.status().get("ranks", [])[1:] if r["host"] == socket.gethostname()]
             c.stop_daemon()
     except MoedError:
         os.kill(pid, signal.SIGTERM)
-    try:
-        psutil.Process(pid).wait(timeout)
-    except psutil.TimeoutExpired:
-        os.kill(pid, signal.SIGKILL)
-    except psutil.NoSuchProcess:
-        pass
-    print(f"moed stopped (pid {pid})", file=sys.stderr)
+    for p in [pid, *others]:
+        try:
+            psutil.Process(p).wait(timeout)
+        except psutil.TimeoutExpired:
+            os.kill(p, signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    print(f"moed stopped (pid {pid}{f' and ranks {others}' if others else ''})", file=sys.stderr)
     return 0
 
 

@@ -49,8 +49,23 @@ def requests_table(s: dict) -> Table:
     return t
 
 
+def ranks_table(s: dict) -> Table:
+    """One row per rank of a model split across processes or hosts."""
+    t = Table(title="ranks", title_justify="left")
+    for c in ("rank", "host", "pid", "layers", "weights", "cache", "hit rate", "read", "RSS (peak)"):
+        t.add_column(c)
+    for r in s.get("ranks", []):
+        lo, hi = r["layers"]
+        t.add_row(str(r["rank"]), r["host"], str(r["pid"]), f"{lo}-{hi - 1}", mb(r["non_expert_bytes"]),
+                  mb(r["cache_bytes"]), f"{r['hits'] / max(1, r['hits'] + r['misses']):.1%}", mb(r["bytes_read"]),
+                  f"{mb(r['rss_bytes'])} ({mb(r['peak_rss_bytes'])})")
+    return t
+
+
 def ps_view(s: dict) -> Group:
     parts = [overview_table(s)]
+    if s.get("ranks"):
+        parts.append(ranks_table(s))
     if s.get("requests"):
         parts.append(requests_table(s))
     return Group(*parts)

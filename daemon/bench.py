@@ -338,6 +338,62 @@ def main_concurrency(a, console, model: str, base: dict) -> int:
     return 0
 
 
+def ranks_run(model: str, fraction: float, n: int, spec: dict, cold: bool) -> dict:
+    """`moed generate --ranks N` (N=1: one process, no split): decode speed and hit rate per rank."""
+    cache_state = drop_page_cache() if cold else "warm"
+    temp = "1.0" if spec["sampling"] == "random" else "0.0"
+    cmd = [sys.executable, "-m", "moed.client.cli", "generate", "--model", model, "--json", "--ignore-eos",
+           "--prompt", PROMPT_TEXT.split(". ")[0], "--max-tokens", str(spec["max_tokens"]), "--temp", temp,
+           "--seed", str(spec["seed"]), "--cache-fraction", str(fraction), "--workers", str(spec["workers"])]
+    proc = subprocess.run(cmd + (["--ranks", str(n)] if n > 1 else []), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"moed generate --ranks {n} failed:\n{proc.stderr[-4000:]}")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    per_rank = r["ranks"] or [{"rank": 0, "layers": [0, len(r["slots_per_layer"])], "hits": None, "misses": None,
+                               "bytes_read": r["bytes_read"], "peak_rss_bytes": r["peak_rss_bytes"],
+                               "non_expert_bytes": r["non_expert_bytes"], "cache_bytes": r["cache_bytes"]}]
+    for x in per_rank:
+        if x["hits"] is not None:
+            x["hit_rate"] = x["hits"] / max(1, x["hits"] + x["misses"])
+    return {"engine": "moed", "ranks": n, "cache_fraction": fraction, "sampling": spec["sampling"],
+            "decode_tps": r["decode_tps"], "prefill_tps": r["prefill_tps"], "ttft_s": r["ttft_s"],
+            "hit_rate": r["hit_rate"], "bytes_read": r["bytes_read"], "generated_tokens": len(r["tokens"]),
+            "tokens": r["tokens"], "per_rank": per_rank,
+            "max_peak_rss_bytes": max(x["peak_rss_bytes"] for x in per_rank), "cache_state": cache_state}
+
+
+def main_ranks(a, console, model: str, base: dict) -> int:
+    from rich.table import Table
+
+    levels = [int(x) for x in str(a.ranks).split(",") if x]
+    fraction = float(str(a.cache_fractions).split(",")[0])
+    runs = []
+    for sampling in [s for s in a.sampling.split(",") if s]:
+        for n in levels:
+            console.print(f"[bold]moed generate[/] ranks={n} cache={fraction} sampling={sampling} ...")
+            runs.append(ranks_run(model, fraction, n, {**base, "sampling": sampling}, a.cold))
+    for r in runs:
+        one = next(x for x in runs if x["ranks"] == min(levels) and x["sampling"] == r["sampling"])
+        r["decode_ratio_vs_fewest_ranks"] = r["decode_tps"] / one["decode_tps"]
+        r["same_tokens_as_fewest_ranks"] = r["tokens"] == one["tokens"]
+    write_provenance(a, model, base, runs, {"ranks": levels, "cache_fraction": fraction})
+    t = Table(title=f"moed bench --ranks: {Path(model).name}, {fraction:.0%} of each rank's layers' experts cached")
+    for c in ("sampling", "ranks", "decode tok/s", f"x {min(levels)} rank", "hit rate", "hit rate per rank",
+              "peak RSS MB per rank", "same tokens"):
+        t.add_column(c, justify="right")
+    for r in runs:
+        t.add_row(r["sampling"], str(r["ranks"]), f"{r['decode_tps']:.2f}", f"{r['decode_ratio_vs_fewest_ranks']:.2f}",
+                  f"{r['hit_rate']:.1%}",
+                  " / ".join(f"{x['hit_rate']:.1%}" for x in r["per_rank"] if "hit_rate" in x) or "-",
+                  " / ".join(f"{x['peak_rss_bytes'] / 1e6:.0f}" for x in r["per_rank"]),
+                  str(r["same_tokens_as_fewest_ranks"]))
+    from rich.console import Console
+
+    Console(width=170).print(t)
+    console.print(f"wrote {a.out}")
+    return 0
+
+
 def write_provenance(a, model: str, base: dict, runs: list, extra: dict) -> None:
     config = json.loads((Path(model) / "config.json").read_text())
     cfg = config.get("text_config", config)
@@ -370,6 +426,8 @@ def main(a) -> int:
             "workers": a.workers, "dtype": a.dtype}
     if a.concurrency:
         return main_concurrency(a, console, model, base)
+    if a.ranks:
+        return main_ranks(a, console, model, base)
     if a.top_ks:
         return main_top_k(a, console, model, base)
     specs = [] if a.skip_mlx_lm else [{**base, "engine": "mlx-lm", "cache_fraction": None, "sampling": s}

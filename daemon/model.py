@@ -217,7 +217,8 @@ class PagedModel:
 def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_gb: float | None = None,
                workers: int = 2, dtype: str | None = None,
                warm: bool = True, top_k: int | None = None,
-               progress: Callable[[str, float], None] | None = None) -> PagedModel:
+               progress: Callable[[str, float], None] | None = None,
+               group: mx.distributed.Group | None = None) -> PagedModel:
     """Load a checkpoint with resident non-expert weights and a bounded expert cache.
 
     Args:
@@ -230,6 +231,8 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
         warm: fill the cache before returning (else it fills on demand).
         top_k: route each token to this many experts instead of the config's top-k.
         progress: called with (phase, fraction done) as loading goes.
+        group: the ranks this model is split across (mlx-lm's pipeline split); this rank loads
+            and pages only its own layers.
     """
     report = progress or (lambda phase, done: None)
     report("building the model", 0.0)
@@ -242,6 +245,11 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
         raise CheckpointError(f"{path}: cannot load: {e}") from e
     if cast is not None:
         cast_floats(net, cast)  # lazy: expert tensors are cast too, but never evaluated
+    layer_range = (0, len(net.layers))
+    if group is not None and group.size() > 1:
+        from moed.daemon.ranks import split_layers
+
+        layer_range = split_layers(net, group)  # the other layers' lazy weights are never read
     switches = find_switches(net)
     report("indexing experts", 0.05)
     table, layers = index_experts(path, switches)
@@ -277,4 +285,5 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
     return PagedModel(net, tokenizer, config, path, store, fetcher, non_expert, expert_bytes, top_k,
                       info={"moe_layers": len(layers), "slots_per_layer": n_slots,
                             "experts_per_layer": [layer.num_experts for layer in layers],
-                            "cache_bytes": store.resident_bytes(), "warm_bytes": warm_bytes})
+                            "cache_bytes": store.resident_bytes(), "warm_bytes": warm_bytes,
+                            "layer_range": layer_range})

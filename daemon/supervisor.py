@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import psutil
@@ -66,8 +66,9 @@ def clean_stale(files: DaemonFiles) -> list[str]:
 class Supervisor:
     """Loads the model, serves clients until stopped."""
 
-    def __init__(self, cfg: DaemonConfig):
+    def __init__(self, cfg: DaemonConfig, link=None):
         self.cfg = cfg
+        self.link = link  # RankLink when the model is split across ranks (this is rank 0)
         self.files = daemon_files(cfg.runtime_dir)
         self.state = "starting"
         self.progress = (self.state, 0.0)
@@ -79,6 +80,7 @@ class Supervisor:
         self._snapshot_lock = threading.Lock()
         self._core_snapshot: dict = {}
         self.http = None
+        self.failed = ""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -103,7 +105,7 @@ class Supervisor:
             print(f"[moed] ready: {self.cfg.model} on {self.files.endpoint}"
                   + (f" and http://{self.cfg.http}" if self.http else ""), flush=True)
             self._loop()
-            return 0
+            return 1 if self.failed else 0
         finally:
             self._shutdown()
 
@@ -112,8 +114,6 @@ class Supervisor:
         self.frontend.inbox.put((b"", StopDaemon()))  # wakes the loop
 
     def _load(self) -> None:
-        from moed.daemon.model import load_paged
-
         self.state = "loading"
 
         def progress(phase: str, done: float) -> None:
@@ -122,15 +122,23 @@ class Supervisor:
                 raise KeyboardInterrupt("stopped while loading")
 
         c = self.cfg
-        self.pm = load_paged(c.model, cache_fraction=c.cache_fraction, cache_gb=c.cache_gb, workers=c.workers,
-                             dtype=c.dtype, warm=c.warm, top_k=c.top_k, progress=progress)
-        self.core = EngineCore(self.pm.model, self.pm.tokenizer, max_batch=c.max_batch, max_queue=c.max_queue,
-                               context=context_length(self.pm.config))
+        self.pm = load_model(c, self.link, progress)
+        self.core = new_core(c, self.pm, self.link)
+        if self.link is not None:
+            from moed.daemon.lockstep import LockstepCore
+
+            progress("waiting for the other ranks", 0.99)
+            self.core = LockstepCore(self.core, self.link, self.pm)
 
     def _shutdown(self) -> None:
         self.state = "stopping"
         if self.core is not None:
             self._ship(self.core.shutdown())
+            if self.link is not None and not self.failed:
+                try:
+                    self.core.close()
+                except RuntimeError as e:  # another rank is gone already
+                    print(f"[moed] could not stop the other ranks: {e}", flush=True)
         if self.http is not None:
             self.http.stop()
         self.frontend.close()
@@ -142,10 +150,18 @@ class Supervisor:
     # ------------------------------------------------------------------ the loop
 
     def _loop(self) -> None:
+        from moed.daemon.lockstep import RankFailed
+
         while not self._stopping.is_set():
             self._drain(block=not self.core.has_work())
             if self.core.has_work() and not self._stopping.is_set():
-                self._ship(self.core.step())
+                try:
+                    self._ship(self.core.step())
+                except RankFailed as e:  # a split model cannot go on: every rank stops
+                    self._ship(e.events)
+                    self.failed = str(e)
+                    print(f"[moed] {e}; stopping every rank", flush=True)
+                    return
             self._publish()
 
     def _drain(self, block: bool) -> None:
@@ -237,7 +253,12 @@ class Supervisor:
                 "heat": {"values": [[round(float(v), 2) for v in row] for row in pm.store.heat],
                          "resident": [[int(e) for e in np.nonzero(s.lut >= 0)[0]] for s in pm.store.slots]},
                 "memory": self._memory(snap["rss_bytes"]),
+                "layer_range": list(pm.info["layer_range"]),
             })
+            if self.link is not None and hasattr(self.core, "ranks"):
+                from moed.daemon.ranks import rank_status
+
+                snap["ranks"] = [asdict(s) for s in [rank_status(pm, 0), *self.core.ranks[1:]]]
         return snap
 
 
@@ -250,9 +271,43 @@ class Supervisor:
         return {"rss": rss, **parts, "other": max(0, rss - sum(parts.values()))}
 
 
-def main(cfg: DaemonConfig) -> int:
+def load_model(c: DaemonConfig, link, progress=None):
+    """The paged model as configured (this rank's layers when split)."""
+    from moed.daemon.model import load_paged
+
+    return load_paged(c.model, cache_fraction=c.cache_fraction, cache_gb=c.cache_gb, workers=c.workers,
+                      dtype=c.dtype, warm=c.warm, top_k=c.top_k, progress=progress,
+                      group=link.group if link is not None else None)
+
+
+def new_core(c: DaemonConfig, pm, link) -> EngineCore:
+    core = EngineCore(pm.model, pm.tokenizer, max_batch=c.max_batch, max_queue=c.max_queue,
+                      context=context_length(pm.config))
+    if link is not None:
+        link.share_seed()
+    return core
+
+
+def follower(cfg: DaemonConfig, link) -> int:
+    """Ranks > 0: load this rank's layers, then replay rank 0's engine steps until it stops."""
+    from moed.daemon.lockstep import follow
+
+    pm = load_model(cfg, link)
     try:
-        return Supervisor(cfg).run()
+        lo, hi = pm.info["layer_range"]
+        print(f"[moed rank {link.rank}] ready: layers {lo}-{hi - 1}", flush=True)
+        follow(new_core(cfg, pm, link), link, pm)
+    finally:
+        pm.close()
+    print(f"[moed rank {link.rank}] stopped", flush=True)
+    return 0
+
+
+def main(cfg: DaemonConfig, link=None) -> int:
+    if link is not None and link.rank > 0:
+        return follower(cfg, link)
+    try:
+        return Supervisor(cfg, link).run()
     except DaemonAlreadyRunning as e:
         print(f"moed: {e}", file=sys.stderr)
         return 1

@@ -12,7 +12,8 @@ fields in declaration order. The annotations are the schema: the decoder checks 
 Field types: int, float, bool, str, bytes, None, X | None, list[X], tuple[X, ...],
 tuple[X, Y, ...] and dict[K, V].
 
-Code ranges: 0x01-0x1f worker <-> supervisor; 0x20-0x5f daemon <-> client (later).
+Code ranges: 0x01-0x1f worker <-> supervisor; 0x20-0x5f daemon <-> client; 0x60-0x6f between
+ranks of a model split across processes or hosts (carried by mx.distributed, see daemon/ranks.py).
 """
 from __future__ import annotations
 
@@ -192,3 +193,35 @@ class Pong:
 @dataclass(slots=True)
 class StopDaemon:
     pass
+
+
+# --- between ranks ------------------------------------------------------------------------------
+# With a model split across ranks (`--ranks N` / `--hosts FILE`) every rank runs the same engine
+# core in lockstep: before each step rank 0 broadcasts a RankPlan with what its clients asked for
+# since the last one; when the plan asks, every rank then contributes its RankStatus.
+
+
+@message(0x60)
+@dataclass(slots=True)
+class RankPlan:
+    ops: list[Any]  # in order: ["add", [Generate fields], client] or ["abort", core req id, reason]
+    step: bool = False  # then step the model once
+    gather: bool = False  # then every rank sends its RankStatus
+    stop: bool = False  # then exit
+
+
+@message(0x61)
+@dataclass(slots=True)
+class RankStatus:
+    rank: int
+    host: str
+    pid: int
+    layers: tuple[int, int]  # decoder layers [first, last) this rank holds
+    rss_bytes: int
+    peak_rss_bytes: int
+    non_expert_bytes: int
+    cache_bytes: int
+    hits: int
+    misses: int
+    bytes_read: int
+    workers: int
