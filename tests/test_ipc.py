@@ -13,8 +13,8 @@ import pytest
 from moed.ipc import runtime, shm
 from moed.ipc.codec import MAX_PAYLOAD, ProtocolError, decode, encode
 from moed.ipc.messages import (REGISTRY, Abort, Configure, Error, Finished, Generate, Heartbeat, Hello, Ping,
-                               Pong, Read, ReadDone, Ready, Shutdown, Status, StatusQuery, StopDaemon, Token,
-                               Welcome, message)
+                               Pong, RankPlan, RankStatus, Read, ReadDone, Ready, Shutdown, Status, StatusQuery,
+                               StopDaemon, Token, Welcome, message)
 
 SAMPLES = [
     Ready(worker_id=3, pid=12345),
@@ -39,6 +39,10 @@ SAMPLES = [
     Ping(seq=1),
     Pong(seq=1),
     StopDaemon(),
+    RankPlan(ops=[["add", ["r1", "hi", None, 5, 0.0, 0.0, None, None], "c"], ["abort", "r1", "abort"]], step=True),
+    RankPlan(ops=[], stop=True),
+    RankStatus(rank=1, host="mac2", pid=9, layers=(0, 30), rss_bytes=1 << 30, peak_rss_bytes=1 << 31,
+               non_expert_bytes=5, cache_bytes=6, hits=7, misses=8, bytes_read=9, workers=2),
 ]
 
 
