@@ -22,6 +22,8 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-warm", dest="warm", action="store_false",
                    help="start with an empty expert cache (default: fill it at load)")
     p.add_argument("--top-k", type=int, help="route each token to K experts instead of the model's top-k")
+    p.add_argument("--no-pack", dest="packed", action="store_false",
+                   help="read experts from the safetensors shards even if `moed pack` made a packed store")
 
 
 def cmd_make_model(a: argparse.Namespace) -> int:
@@ -47,6 +49,20 @@ def _launched(a: argparse.Namespace) -> int | None:
     return launch.run(launch.strip_rank_args(a.argv), a.ranks, a.hosts)
 
 
+def cmd_pack(a: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from moed.daemon.pack import pack
+
+    with Progress(TextColumn("[bold]moed pack[/] {task.description}"), BarColumn(),
+                  TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), transient=True) as bar:
+        task = bar.add_task("reading headers", total=1.0)
+        s = pack(a.dir, progress=lambda phase, done: bar.update(task, description=phase, completed=done))
+    print(f"wrote {s['dir']}: {s['layers']} layers, {s['packed_bytes'] / 1e6:.1f} MB "
+          f"({s['expert_bytes'] / 1e6:.1f} MB of experts, page-aligned records), verified")
+    return 0
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     if (code := _launched(a)) is not None:
         return code
@@ -60,7 +76,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     rank = lk.rank if lk else 0
     with load_paged(a.model, cache_fraction=a.cache_fraction, cache_gb=a.cache_gb,
                     workers=a.workers, dtype=a.dtype, warm=a.warm, top_k=a.top_k,
-                    group=lk.group if lk else None) as pm:
+                    group=lk.group if lk else None, packed=a.packed) as pm:
         prompt = encode_prompt(pm.tokenizer, a.prompt, chat=a.chat)
         params = SamplingParams(max_tokens=a.max_tokens, temp=a.temp, seed=a.seed, ignore_eos=a.ignore_eos)
         echo = None if a.json or rank else (lambda t: print(t, end="", flush=True))
@@ -132,7 +148,7 @@ def _daemon_args(a: argparse.Namespace) -> list[str]:
     if not model:
         raise ValueError("give --model DIR (or --demo)")
     out = ["--model", model, "--workers", str(a.workers), "--max-batch", str(a.max_batch),
-           "--max-queue", str(a.max_queue)] + ([] if a.warm else ["--no-warm"])
+           "--max-queue", str(a.max_queue)] + ([] if a.warm else ["--no-warm"]) + ([] if a.packed else ["--no-pack"])
     for flag, v in (("--cache-fraction", a.cache_fraction), ("--cache-gb", a.cache_gb), ("--dtype", a.dtype),
                     ("--top-k", a.top_k),
                     ("--http", a.http), ("--api-key", a.api_key)):
@@ -158,7 +174,7 @@ def cmd_daemon(a: argparse.Namespace) -> int:
         raise ValueError("give --model DIR (or --demo)")
     return supervise(DaemonConfig(model=model, cache_fraction=a.cache_fraction, cache_gb=a.cache_gb,
                                   workers=a.workers, dtype=a.dtype, warm=a.warm, top_k=a.top_k,
-                                  max_batch=a.max_batch,
+                                  packed=a.packed, max_batch=a.max_batch,
                                   max_queue=a.max_queue,
                                   http=a.http, api_key=a.api_key), link())
 
@@ -238,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--skip-existing", action="store_true", help="do nothing if DIR already holds a model")
     m.set_defaults(fn=cmd_make_model)
 
+    pk = sub.add_parser("pack", help="repack the experts into page-aligned records (one read per expert)")
+    pk.add_argument("dir", help="checkpoint dir or Hugging Face repo id (local cache); writes DIR/moed-pack")
+    pk.set_defaults(fn=cmd_pack)
+
     g = sub.add_parser("generate", help="generate in this process through the paged engine")
     g.add_argument("--model", required=True, help="checkpoint dir or Hugging Face repo id (local cache)")
     g.add_argument("--prompt", required=True)
@@ -276,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=2)
     b.add_argument("--dtype", choices=["float32"])
     b.add_argument("--concurrency", help="e.g. 1,2,4: N concurrent streams through a daemon (first cache fraction)")
+    b.add_argument("--no-pack", dest="packed", action="store_false", help="moed reads the stacked shards, not the pack")
     b.add_argument("--ranks", help="e.g. 1,2: the model split across N local ranks (first cache fraction)")
     b.add_argument("--skip-mlx-lm", action="store_true", help="no resident baseline (a model larger than RAM)")
     b.add_argument("--top-k", dest="top_ks", help="e.g. 10,8,6,4: speed and quality (KL, top-1 agreement) per K")

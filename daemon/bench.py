@@ -69,7 +69,7 @@ def measure(spec: dict) -> dict:
         pm = None
     else:
         pm = load_paged(spec["model"], cache_fraction=spec["cache_fraction"], workers=spec["workers"],
-                        dtype=spec.get("dtype"), top_k=spec.get("top_k"))
+                        dtype=spec.get("dtype"), top_k=spec.get("top_k"), packed=spec.get("packed", True))
         model, tokenizer = pm.model, pm.tokenizer
     load_s = time.perf_counter() - t0
     try:
@@ -90,7 +90,7 @@ def measure(spec: dict) -> dict:
                 "read_gbps": st.bytes_read / st.read_seconds / 1e9 if st.read_seconds else 0.0,
                 "read_seconds": st.read_seconds, "cache_bytes": pm.info["cache_bytes"],
                 "slots_per_layer": pm.info["slots_per_layer"][0], "non_expert_bytes": pm.non_expert_bytes,
-                "expert_bytes": pm.expert_bytes,
+                "expert_bytes": pm.expert_bytes, "packed": pm.info["packed"],
             })
         else:
             out.update({"hit_rate": 1.0, "bytes_read": 0, "bytes_read_per_token": 0.0, "read_gbps": 0.0})
@@ -101,9 +101,10 @@ def measure(spec: dict) -> dict:
 
 
 def io_probe(spec: dict) -> dict:
-    """Record a routing trace, then raw parallel reads vs the fetch path on its misses, cold."""
+    """Record a routing trace, then raw parallel reads vs the fetch path on its misses, cold; for
+    the stacked safetensors layout and, when `moed pack` made one, the packed one."""
     from moed.daemon.generate import SamplingParams
-    from moed.daemon.iobench import RAW_THREADS, miss_ranges, path_read, raw_read
+    from moed.daemon.iobench import RAW_THREADS, coalesce, miss_ranges, path_read, raw_read
     from moed.daemon.model import expert_index, top_k_of
     from moed.daemon.trace import record_trace, save_trace
 
@@ -111,20 +112,29 @@ def io_probe(spec: dict) -> dict:
                                                                      seed=spec["seed"], ignore_eos=True),
                          spec["workers"])
     save_trace(trace, spec["trace_out"])
-    table, layers, config = expert_index(spec["model"])
-    files = [str(f) for f in table.files]
-    out = {"engine": "io", "trace": spec["trace_out"], "visits": len(trace["steps"]), "per_fraction": {}}
-    for fraction in spec["fractions"]:
-        visits = miss_ranges(trace, layers, fraction, top_k_of(config))
-        nbytes = sum(n for v in visits for _, _, n in v)
-        raw_state = drop_page_cache()
-        raw_s = raw_read(files, [r for v in visits for r in v])
-        path_state = drop_page_cache()
-        path_s = path_read(files, visits, spec["workers"])
-        out["per_fraction"][str(fraction)] = {
-            "bytes": nbytes, "visits_with_misses": len(visits), "raw_gbps": nbytes / raw_s / 1e9,
-            "io_path_gbps": nbytes / path_s / 1e9, "io_path_fraction_of_raw": raw_s / path_s,
-            "raw_threads": RAW_THREADS, "cache_state": [raw_state, path_state]}
+    out = {"engine": "io", "trace": spec["trace_out"], "visits": len(trace["steps"]), "layouts": {}}
+    for layout in ("stacked", "packed"):
+        table, layers, config = expert_index(spec["model"], packed=layout == "packed")
+        if layout == "packed" and not table.packed:
+            continue
+        files = [str(f) for f in table.files]
+        per = out["layouts"][layout] = {}
+        for fraction in spec["fractions"]:
+            visits = miss_ranges(trace, layers, fraction, top_k_of(config))
+            nbytes = sum(n for v in visits for _, _, n in v)
+            reads = [r for v in visits for r in coalesce(v)]
+            raw_state = drop_page_cache()
+            raw_s = raw_read(files, reads)
+            path_state = drop_page_cache()
+            path_s = path_read(files, visits, spec["workers"])
+            experts = sum(len(v) for v in visits) // len(layers[0].tensors)
+            per[str(fraction)] = {
+                "bytes": nbytes, "visits_with_misses": len(visits), "experts_read": experts,
+                "reads": len(reads), "reads_per_expert": len(reads) / max(1, experts),
+                "raw_gbps": nbytes / raw_s / 1e9, "io_path_gbps": nbytes / path_s / 1e9,
+                "io_path_fraction_of_raw": raw_s / path_s,
+                "raw_threads": RAW_THREADS, "cache_state": [raw_state, path_state]}
+    out["per_fraction"] = out["layouts"].get("packed") or out["layouts"]["stacked"]  # what the engine reads
     return out
 
 
@@ -423,7 +433,7 @@ def main(a) -> int:
     fractions = [float(f) for f in str(a.cache_fractions).split(",") if f]
     samplings = [s for s in a.sampling.split(",") if s]
     base = {"model": model, "max_tokens": a.max_tokens, "prompt_tokens": a.prompt_tokens, "seed": 0,
-            "workers": a.workers, "dtype": a.dtype}
+            "workers": a.workers, "dtype": a.dtype, "packed": a.packed}
     if a.concurrency:
         return main_concurrency(a, console, model, base)
     if a.ranks:
@@ -463,9 +473,11 @@ def main(a) -> int:
                   f"{r['peak_rss_bytes'] / 1e6:.0f}")
     Console(width=170).print(t)
     if io:
-        for f, r in io["per_fraction"].items():
-            console.print(f"I/O at cache {f}: raw {r['raw_gbps']:.2f} GB/s, fetch path {r['io_path_gbps']:.2f} GB/s "
-                          f"= {r['io_path_fraction_of_raw']:.0%} of raw ({r['bytes'] / 1e6:.0f} MB)")
+        for layout, per in io["layouts"].items():
+            for f, r in per.items():
+                console.print(f"I/O ({layout}) at cache {f}: raw {r['raw_gbps']:.2f} GB/s, fetch path "
+                              f"{r['io_path_gbps']:.2f} GB/s = {r['io_path_fraction_of_raw']:.0%} of raw "
+                              f"({r['bytes'] / 1e6:.0f} MB, {r['reads_per_expert']:.1f} reads per expert)")
     console.print(f"wrote {a.out}")
     return 0
 

@@ -33,6 +33,17 @@ def miss_ranges(trace: dict, layers: list[ExpertLayer], fraction: float, top_k: 
     return visits
 
 
+def coalesce(ranges: list) -> list:
+    """Adjacent (file, offset, length) ranges merged: the fewest reads that layout allows."""
+    out: list = []
+    for f, off, n in sorted(ranges):
+        if out and out[-1][0] == f and out[-1][1] + out[-1][2] == off:
+            out[-1] = (f, out[-1][1], out[-1][2] + n)
+        else:
+            out.append((f, off, n))
+    return out
+
+
 def raw_read(files: list[str], ranges: list, threads: int = RAW_THREADS) -> float:
     """Seconds to read `ranges` with parallel preads."""
     fds = [os.open(f, os.O_RDONLY) for f in files]

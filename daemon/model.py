@@ -8,6 +8,7 @@ read at load. Works for every mlx-lm MoE architecture without per-model code.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -134,20 +135,22 @@ def load_resident(path: str | Path, dtype: str | None = None, top_k: int | None 
     return model, tokenizer
 
 
-def index_experts(path: Path, switches: list[tuple[str, nn.Module]]) -> tuple[TensorTable, list[ExpertLayer]]:
-    """The byte ranges of every switch module's experts, validated against the model's shapes."""
+def index_experts(path: Path, switches: list[tuple[str, nn.Module]],
+                  packed: bool = True) -> tuple[TensorTable, list[ExpertLayer]]:
+    """The byte ranges of every switch module's experts (from the pack if current), validated
+    against the model's shapes."""
     if not switches:
         raise CheckpointError(f"{path}: no SwitchGLU/SwitchMLP layers, not a mixture-of-experts model")
-    table = TensorTable(path)
+    table = TensorTable(path, packed)
     return table, [table.expert_layer(p, {k: v.shape for k, v in tree_flatten(m.parameters())})
                    for p, m in switches]
 
 
-def expert_index(model: str | Path) -> tuple[TensorTable, list[ExpertLayer], dict]:
+def expert_index(model: str | Path, packed: bool = True) -> tuple[TensorTable, list[ExpertLayer], dict]:
     """Headers only: the expert index and config of a checkpoint (nothing is read but headers)."""
     path = resolve_model(model)
     net, config = load_model(path, lazy=True)
-    table, layers = index_experts(path, find_switches(net))
+    table, layers = index_experts(path, find_switches(net), packed)
     return table, layers, config
 
 
@@ -218,7 +221,7 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
                workers: int = 2, dtype: str | None = None,
                warm: bool = True, top_k: int | None = None,
                progress: Callable[[str, float], None] | None = None,
-               group: mx.distributed.Group | None = None) -> PagedModel:
+               group: mx.distributed.Group | None = None, packed: bool = True) -> PagedModel:
     """Load a checkpoint with resident non-expert weights and a bounded expert cache.
 
     Args:
@@ -233,6 +236,7 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
         progress: called with (phase, fraction done) as loading goes.
         group: the ranks this model is split across (mlx-lm's pipeline split); this rank loads
             and pages only its own layers.
+        packed: read experts from the checkpoint's `moed pack` store when it is current.
     """
     report = progress or (lambda phase, done: None)
     report("building the model", 0.0)
@@ -252,7 +256,9 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
         layer_range = split_layers(net, group)  # the other layers' lazy weights are never read
     switches = find_switches(net)
     report("indexing experts", 0.05)
-    table, layers = index_experts(path, switches)
+    table, layers = index_experts(path, switches, packed)
+    if table.pack_note:
+        print(f"[moed] {table.pack_note}", file=sys.stderr)
     if top_k:
         set_top_k(net, top_k)
     top_k = top_k or top_k_of(config)
@@ -286,4 +292,4 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
                       info={"moe_layers": len(layers), "slots_per_layer": n_slots,
                             "experts_per_layer": [layer.num_experts for layer in layers],
                             "cache_bytes": store.resident_bytes(), "warm_bytes": warm_bytes,
-                            "layer_range": layer_range})
+                            "layer_range": layer_range, "packed": bool(table.packed)})

@@ -38,6 +38,7 @@ class DaemonConfig:
     dtype: str | None = None
     warm: bool = True
     top_k: int | None = None
+    packed: bool = True
     max_batch: int = 8
     max_queue: int = 32
     http: str | None = None  # "HOST:PORT"
@@ -276,7 +277,7 @@ def load_model(c: DaemonConfig, link, progress=None):
     from moed.daemon.model import load_paged
 
     return load_paged(c.model, cache_fraction=c.cache_fraction, cache_gb=c.cache_gb, workers=c.workers,
-                      dtype=c.dtype, warm=c.warm, top_k=c.top_k, progress=progress,
+                      dtype=c.dtype, warm=c.warm, top_k=c.top_k, packed=c.packed, progress=progress,
                       group=link.group if link is not None else None)
 
 

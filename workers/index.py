@@ -3,6 +3,8 @@
 Only the headers are read (8-byte length + JSON), never tensor data. In an mlx-lm checkpoint the
 experts of a layer are stacked: `<layer>.switch_mlp.<proj>.<param>` with a leading num_experts
 dimension, so expert e of a tensor is the contiguous slice [e * per_expert, (e + 1) * per_expert).
+A packed store (`moed pack`, daemon/pack.py) moves each expert's slices into one contiguous record;
+when its index matches the checkpoint the table serves the expert tensors from it instead.
 No MLX import: the workers and the planner read this too.
 """
 
@@ -21,6 +23,8 @@ DTYPE_BYTES = {
     "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
 }
 MAX_HEADER_BYTES = 100 << 20
+PACK_DIR, PACK_INDEX = "moed-pack", "index.json"
+PAGE = 4096  # packed records start on page boundaries (O_DIRECT's alignment too)
 
 
 class CheckpointError(ValueError):
@@ -43,6 +47,7 @@ class ExpertTensor:
 
     param: str  # path relative to the switch module, e.g. "gate_proj.weight"
     info: TensorInfo
+    stride: int = 0  # bytes from one expert's slice to the next; 0: stacked (expert_nbytes)
 
     @property
     def num_experts(self) -> int:
@@ -59,7 +64,7 @@ class ExpertTensor:
     def expert_range(self, expert: int) -> tuple[int, int, int]:
         """(file_idx, offset, length) of one expert's slice."""
         n = self.expert_nbytes
-        return self.info.file_idx, self.info.offset + expert * n, n
+        return self.info.file_idx, self.info.offset + expert * (self.stride or n), n
 
 
 @dataclass(frozen=True)
@@ -126,15 +131,51 @@ def shard_files(model_dir: Path) -> list[Path]:
     return files
 
 
-class TensorTable:
-    """Every tensor of a checkpoint, from the headers of all its shards."""
+def source_fingerprint(files: list[Path]) -> list[dict]:
+    """What a pack was made from: each shard's name, size and modification time."""
+    return [{"file": f.name, "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
 
-    def __init__(self, model_dir: str | Path):
+
+class TensorTable:
+    """Every tensor of a checkpoint, from the headers of all its shards (and its pack, if current).
+
+    Args:
+        model_dir: the checkpoint directory.
+        packed: serve expert tensors from `<model_dir>/moed-pack` when it matches the shards.
+    """
+
+    def __init__(self, model_dir: str | Path, packed: bool = True):
         self.model_dir = Path(model_dir)
         self.files = shard_files(self.model_dir)
         self.tensors: dict[str, TensorInfo] = {}
         for i, f in enumerate(self.files):
             self.tensors.update(read_header(f, i))
+        self.packed: dict[str, tuple[TensorInfo, int]] = {}  # tensor name -> (its place in the pack, stride)
+        self.pack_note = ""  # why a pack present was not used
+        if packed and (self.model_dir / PACK_DIR / PACK_INDEX).exists():
+            self._use_pack(self.model_dir / PACK_DIR)
+
+    def _use_pack(self, pack_dir: Path) -> None:
+        try:
+            index = json.loads((pack_dir / PACK_INDEX).read_text())
+            if index.get("source") != source_fingerprint(self.files):
+                raise ValueError("the checkpoint changed since `moed pack`")
+            files, packed = [], {}
+            for entry in index["layers"]:
+                f = pack_dir / entry["file"]
+                if f.stat().st_size < entry["stride"] * entry["num_experts"]:
+                    raise ValueError(f"{f.name} is truncated")
+                files.append(f)
+                for t in entry["tensors"]:
+                    src = self.tensors[t["name"]]
+                    info = TensorInfo(src.name, len(self.files) + len(files) - 1, t["offset"], src.nbytes,
+                                      src.dtype, src.shape)
+                    packed[t["name"]] = (info, entry["stride"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.pack_note = f"{pack_dir} not used: {e}"
+            return
+        self.files += files
+        self.packed = packed
 
     def expert_layer(self, path: str, params: dict[str, tuple[int, ...]]) -> ExpertLayer:
         """Map one switch module's expert parameters to their tensors, validating shapes.
@@ -158,7 +199,7 @@ class TensorTable:
                     f"{self.model_dir}: expert tensor {name} has shape {list(info.shape)}, "
                     f"the config implies {list(shape)}"
                 )
-            tensors.append(ExpertTensor(param, info))
+            tensors.append(ExpertTensor(param, *self.packed[name]) if name in self.packed else ExpertTensor(param, info))
         counts = {t.num_experts for t in tensors}
         if len(counts) != 1:
             raise CheckpointError(f"{self.model_dir}: {path} tensors disagree on the expert count")
