@@ -49,6 +49,46 @@ def _launched(a: argparse.Namespace) -> int | None:
     return launch.run(launch.strip_rank_args(a.argv), a.ranks, a.hosts)
 
 
+def cmd_plan(a: argparse.Namespace) -> int:
+    from functools import partial
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from moed.daemon.plan import forecast, largest_fraction, make_plan, mb, measure_profile
+
+    plan_for = partial(make_plan, a.model, context=a.context, ram_gb=a.ram, workers=a.workers, dtype=a.dtype,
+                       top_k=a.top_k)
+    plan = plan_for(cache_fraction=a.cache_fraction, cache_gb=a.cache_gb)
+    profile = measure_profile(a.model, dtype=a.dtype) if a.measure else None
+    fits_at = largest_fraction(lambda f: plan_for(cache_fraction=f), plan.ram_bytes)
+    if profile:
+        plan.forecast = forecast(plan, profile)
+    if a.json:
+        print(json.dumps({**plan.as_dict(), "profile": profile, "largest_fitting_fraction": fits_at}))
+        return 0 if plan.fits else 1
+    t = Table(title=f"moed plan: {plan.model}", title_justify="left")
+    for c in ("", "bytes", ""):
+        t.add_column(c, justify="right" if c == "bytes" else "left")
+    for name, n, note in plan.lines():
+        t.add_row(name, mb(n), note)
+    t.add_row("[bold]total[/]", f"[bold]{mb(plan.total_bytes)}[/]",
+              f"of {mb(plan.ram_bytes)} {'given' if a.ram else 'available'}: "
+              + ("[green]fits[/]" if plan.fits else "[red]does not fit[/]"))
+    con = Console()
+    con.print(t)
+    con.print(f"largest cache fraction that fits: {fits_at if fits_at is not None else 'none'}"
+              f" (experts on disk: {mb(plan.expert_bytes)})")
+    if profile:
+        f = plan.forecast
+        con.print(f"this machine: one token's {plan.top_k} experts of a layer in {profile['expert_layer_s'] * 1e3:.2f} ms "
+                  f"({profile['expert_compute_gbps']:.2f} GB/s of weights), parallel reads {profile['disk_gbps']:.2f} GB/s "
+                  f"({profile['disk_cache_state']})")
+        con.print(f"forecast: [bold]{f['decode_tps']:.2f} tok/s[/] decode (all resident: {f['resident_decode_tps']:.2f}), "
+                  f"hit rate ~{f['hit_rate']:.0%}")
+    return 0 if plan.fits else 1
+
+
 def cmd_pack(a: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -254,6 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--skip-existing", action="store_true", help="do nothing if DIR already holds a model")
     m.set_defaults(fn=cmd_make_model)
 
+    pl = sub.add_parser("plan", help="memory a configuration needs (headers only) and forecast decode tok/s")
+    pl.add_argument("--model", required=True)
+    pl.add_argument("--ram", type=float, metavar="GB", help="plan for this much memory (default: available now)")
+    pl.add_argument("--context", type=int, help="tokens of KV cache to plan for (default: the model's context)")
+    pl.add_argument("--no-measure", dest="measure", action="store_false",
+                    help="no forecast (skip measuring this machine's compute and disk)")
+    pl.add_argument("--json", action="store_true")
+    _cache_args(pl)
+    pl.set_defaults(fn=cmd_plan)
+
     pk = sub.add_parser("pack", help="repack the experts into page-aligned records (one read per expert)")
     pk.add_argument("dir", help="checkpoint dir or Hugging Face repo id (local cache); writes DIR/moed-pack")
     pk.set_defaults(fn=cmd_pack)
@@ -296,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=2)
     b.add_argument("--dtype", choices=["float32"])
     b.add_argument("--concurrency", help="e.g. 1,2,4: N concurrent streams through a daemon (first cache fraction)")
-    b.add_argument("--no-pack", dest="packed", action="store_false", help="moed reads the stacked shards, not the pack")
+    b.add_argument("--layouts", default="packed",
+                   help="comma list of packed (the `moed pack` store when present), stacked (the shards)")
     b.add_argument("--ranks", help="e.g. 1,2: the model split across N local ranks (first cache fraction)")
     b.add_argument("--skip-mlx-lm", action="store_true", help="no resident baseline (a model larger than RAM)")
     b.add_argument("--top-k", dest="top_ks", help="e.g. 10,8,6,4: speed and quality (KL, top-1 agreement) per K")

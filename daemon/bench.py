@@ -64,6 +64,8 @@ def measure(spec: dict) -> dict:
         return top_k_quality(spec)
     if spec["engine"] == "io":
         return io_probe(spec)
+    if spec["engine"] == "plan":
+        return plan_forecast(spec)
     if spec["engine"] == "mlx-lm":
         model, tokenizer = load_resident(spec["model"], spec.get("dtype"), top_k=spec.get("top_k"))
         pm = None
@@ -98,6 +100,16 @@ def measure(spec: dict) -> dict:
     finally:
         if pm is not None:
             pm.close()
+
+
+def plan_forecast(spec: dict) -> dict:
+    """`moed plan`'s profile of this machine and its forecast for each cache size measured."""
+    from moed.daemon.plan import forecast, make_plan, measure_profile
+
+    profile = measure_profile(spec["model"], dtype=spec.get("dtype"))
+    return {"engine": "plan", "profile": profile, "forecasts": {
+        str(f): forecast(make_plan(spec["model"], cache_fraction=f, workers=spec["workers"], dtype=spec.get("dtype")),
+                         profile) for f in spec["fractions"]}}
 
 
 def io_probe(spec: dict) -> dict:
@@ -135,6 +147,17 @@ def io_probe(spec: dict) -> dict:
                 "io_path_fraction_of_raw": raw_s / path_s,
                 "raw_threads": RAW_THREADS, "cache_state": [raw_state, path_state]}
     out["per_fraction"] = out["layouts"].get("packed") or out["layouts"]["stacked"]  # what the engine reads
+    # queue depth per worker, on the layout the engine reads, at the first cache size
+    layout = "packed" if "packed" in out["layouts"] else "stacked"
+    table, layers, config = expert_index(spec["model"], packed=layout == "packed")
+    visits = miss_ranges(trace, layers, spec["fractions"][0], top_k_of(config))
+    nbytes = sum(n for v in visits for _, _, n in v)
+    out["queue_depth"] = {"layout": layout, "cache_fraction": spec["fractions"][0], "bytes": nbytes,
+                          "raw_gbps": out["layouts"][layout][str(spec["fractions"][0])]["raw_gbps"], "io_path_gbps": {}}
+    for depth in (1, 2, 4, 8):
+        drop_page_cache()
+        out["queue_depth"]["io_path_gbps"][str(depth)] = nbytes / path_read(
+            [str(f) for f in table.files], visits, spec["workers"], depth) / 1e9
     return out
 
 
@@ -433,7 +456,7 @@ def main(a) -> int:
     fractions = [float(f) for f in str(a.cache_fractions).split(",") if f]
     samplings = [s for s in a.sampling.split(",") if s]
     base = {"model": model, "max_tokens": a.max_tokens, "prompt_tokens": a.prompt_tokens, "seed": 0,
-            "workers": a.workers, "dtype": a.dtype, "packed": a.packed}
+            "workers": a.workers, "dtype": a.dtype}
     if a.concurrency:
         return main_concurrency(a, console, model, base)
     if a.ranks:
@@ -442,11 +465,21 @@ def main(a) -> int:
         return main_top_k(a, console, model, base)
     specs = [] if a.skip_mlx_lm else [{**base, "engine": "mlx-lm", "cache_fraction": None, "sampling": s}
                                       for s in samplings]
-    specs += [{**base, "engine": "moed", "cache_fraction": f, "sampling": s} for s in samplings for f in fractions]
+    layouts = [x for x in a.layouts.split(",") if x]
+    specs += [{**base, "engine": "moed", "cache_fraction": f, "sampling": s, "packed": lay == "packed"}
+              for s in samplings for lay in layouts for f in fractions]
     runs = []
     for spec in specs:
         console.print(f"[bold]{spec['engine']}[/] cache={spec['cache_fraction']} sampling={spec['sampling']} ...")
         runs.append(run_one(spec, a.cold))
+    console.print("[bold]moed plan forecast[/] (profile of this machine) ...")
+    plan = run_one({**base, "engine": "plan", "fractions": fractions, "cache_fraction": None, "sampling": "-"}, cold=False)
+    for r in runs:
+        f = plan["forecasts"][str(r["cache_fraction"])] if r["engine"] == "moed" else None
+        if f is None and r["engine"] == "mlx-lm":
+            f = {"decode_tps": next(iter(plan["forecasts"].values()))["resident_decode_tps"]}
+        r["forecast_decode_tps"] = f["decode_tps"]
+        r["measured_over_forecast"] = r["decode_tps"] / f["decode_tps"]
     partial = [f for f in fractions if f < 1]
     io = None
     if partial:
@@ -460,15 +493,17 @@ def main(a) -> int:
             r["decode_ratio_vs_mlx_lm"] = r["decode_tps"] / ref["decode_tps"]
             r["prefill_ratio_vs_mlx_lm"] = r["prefill_tps"] / ref["prefill_tps"]
             r["same_tokens_as_mlx_lm"] = r["tokens"] == ref["tokens"]
-    write_provenance(a, model, base, runs + ([io] if io else []), {"cache_fractions": fractions})
+    write_provenance(a, model, base, runs + [plan] + ([io] if io else []),
+                     {"cache_fractions": fractions, "layouts": layouts})
     t = Table(title=f"moed bench: {Path(model).name}")
-    for c in ("engine", "cache", "sampling", "decode tok/s", "x mlx-lm", "prefill tok/s", "ttft s",
-              "hit rate", "MB read/tok", "read GB/s", "peak RSS MB"):
+    for c in ("engine", "layout", "cache", "sampling", "decode tok/s", "x mlx-lm", "forecast", "prefill tok/s",
+              "ttft s", "hit rate", "MB read/tok", "read GB/s", "peak RSS MB"):
         t.add_column(c, justify="right")
     for r in runs:
-        t.add_row(r["engine"], str(r["cache_fraction"] or "-"), r["sampling"], f"{r['decode_tps']:.2f}",
+        layout = "-" if "packed" not in r else ("packed" if r["packed"] else "stacked")
+        t.add_row(r["engine"], layout, str(r["cache_fraction"] or "-"), r["sampling"], f"{r['decode_tps']:.2f}",
                   f"{r['decode_ratio_vs_mlx_lm']:.2f}" if "decode_ratio_vs_mlx_lm" in r else "-",
-                  f"{r['prefill_tps']:.1f}", f"{r['ttft_s']:.2f}",
+                  f"{r['forecast_decode_tps']:.2f}", f"{r['prefill_tps']:.1f}", f"{r['ttft_s']:.2f}",
                   f"{r['hit_rate']:.1%}", f"{r['bytes_read_per_token'] / 1e6:.2f}", f"{r['read_gbps']:.2f}",
                   f"{r['peak_rss_bytes'] / 1e6:.0f}")
     Console(width=170).print(t)
@@ -478,6 +513,9 @@ def main(a) -> int:
                 console.print(f"I/O ({layout}) at cache {f}: raw {r['raw_gbps']:.2f} GB/s, fetch path "
                               f"{r['io_path_gbps']:.2f} GB/s = {r['io_path_fraction_of_raw']:.0%} of raw "
                               f"({r['bytes'] / 1e6:.0f} MB, {r['reads_per_expert']:.1f} reads per expert)")
+        qd = io["queue_depth"]
+        console.print(f"fetch path by reads in flight per worker ({qd['layout']}, cache {qd['cache_fraction']}): "
+                      + ", ".join(f"{d}: {g:.2f} GB/s" for d, g in qd["io_path_gbps"].items()))
     console.print(f"wrote {a.out}")
     return 0
 

@@ -67,10 +67,11 @@ def raw_read(files: list[str], ranges: list, threads: int = RAW_THREADS) -> floa
             os.close(fd)
 
 
-def path_read(files: list[str], visits: list[list], workers: int) -> float:
+def path_read(files: list[str], visits: list[list], workers: int, queue_depth: int | None = None) -> float:
     """Seconds to read the visits' ranges through the Fetcher, one read() per visit."""
     staging = max(sum(n for _, _, n in v) for v in visits) * 2
-    with Fetcher(files, workers=workers, staging_bytes=staging) as f:
+    depth = {} if queue_depth is None else {"queue_depth": queue_depth}
+    with Fetcher(files, workers=workers, staging_bytes=staging, **depth) as f:
         t0 = time.perf_counter()
         for v in visits:
             f.read(v)

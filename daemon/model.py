@@ -22,6 +22,7 @@ from mlx_lm.utils import load_model, load_tokenizer
 
 from moed.daemon.experts import FLOATS, ExpertStore, PagedSwitch
 from moed.daemon.fetcher import Fetcher
+from moed.daemon.plan import check_fits
 from moed.ipc.connection import daemon_files
 from moed.workers.index import DTYPE_BYTES, CheckpointError, ExpertLayer, TensorTable
 
@@ -264,6 +265,9 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
     top_k = top_k or top_k_of(config)
     n_slots = slots_per_layer(layers, top_k, cast, cache_fraction, cache_gb)
     staging = max(n * layer.expert_nbytes for n, layer in zip(n_slots, layers))
+    expert_params = tuple(p + "." for p, _ in switches)
+    check_fits(sum(v.nbytes for k, v in tree_flatten(net.parameters()) if not k.startswith(expert_params)),
+               sum(n * cached_expert_nbytes(layer, cast) for n, layer in zip(n_slots, layers)), staging, workers)
     report("starting I/O workers", 0.1)
     fetcher = Fetcher([str(f) for f in table.files], workers=workers, staging_bytes=staging,
                       runtime_dir=daemon_files().dir).start()

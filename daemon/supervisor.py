@@ -312,3 +312,6 @@ def main(cfg: DaemonConfig, link=None) -> int:
     except DaemonAlreadyRunning as e:
         print(f"moed: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:  # a bad checkpoint, or a configuration that does not fit
+        print(f"moed: error: {e}", file=sys.stderr)
+        return 2

@@ -65,6 +65,7 @@ class Configure:
     shm_name: str  # staging segment the worker reads into
     shm_size: int
     direct: bool = False  # reserved: O_DIRECT / F_NOCACHE reads (not implemented yet)
+    queue_depth: int = 4  # reads a worker keeps in flight
 
 
 @message(0x03)

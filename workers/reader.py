@@ -1,18 +1,23 @@
 """Read byte ranges of files into a buffer with preadv, one open descriptor per file.
 
 Items adjacent in a file are coalesced into one preadv with several destination buffers; each
-syscall moves at most CHUNK bytes so the caller can heartbeat between them. Failures never raise:
-read() returns the bytes read and an error string naming the file and offset.
+syscall moves at most CHUNK bytes so the caller can heartbeat between them. Up to `depth` runs are
+in flight at once (threads: preadv releases the GIL), so one worker keeps the device's queue busy.
+Failures never raise: read() returns the bytes read and an error string naming the file and offset.
 """
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 Item = tuple[int, int, int, int]  # (file_idx, file_offset, length, buf_offset)
 
 CHUNK = 16 << 20  # most bytes per syscall
+QUEUE_DEPTH = 4  # reads in flight per worker (bench/results/med-queue-depth.json)
+PROGRESS_S = 0.1  # how often a long read reports progress
 try:
     IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 except (AttributeError, ValueError, OSError):
@@ -56,9 +61,12 @@ class ShortRead(Exception):
 class Reader:
     """Reads items of a fixed list of files; descriptors are opened on first use and kept."""
 
-    def __init__(self, paths: list[str]):
+    def __init__(self, paths: list[str], depth: int = QUEUE_DEPTH):
         self.paths = list(paths)
+        self.depth = depth
         self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
 
     def read(self, buf: memoryview, items: list[Item],
              progress: Callable[[], None] | None = None) -> tuple[int, str | None]:
@@ -69,21 +77,45 @@ class Reader:
         """
         if (error := self._check(buf, items)) is not None:
             return 0, error
-        done = 0
-        for run in plan(items):
-            try:
-                self._read_run(buf, run)
-            except ShortRead as e:
-                return done, str(e)
-            except OSError as e:
-                return done, (f"{self.paths[run.file_idx]}: {e.strerror or e} while reading "
-                              f"{run.nbytes} bytes at offset {run.offset}")
-            done += run.nbytes
+        runs = plan(items)
+        if self.depth <= 1 or len(runs) <= 1:
+            done = 0
+            for run in runs:
+                if (error := self._try_run(buf, run)) is not None:
+                    return done, error
+                done += run.nbytes
+                if progress is not None:
+                    progress()
+            return done, None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.depth, thread_name_prefix="pread")
+        futures = {self._pool.submit(self._try_run, buf, run): run for run in runs}
+        done, error, pending = 0, None, set(futures)
+        while pending:
+            finished, pending = wait(pending, timeout=PROGRESS_S, return_when=FIRST_COMPLETED)
+            for f in finished:
+                if (e := f.result()) is None:
+                    done += futures[f].nbytes
+                elif error is None:
+                    error = e
             if progress is not None:
-                progress()
-        return done, None
+                progress()  # from this thread only: it may use the worker's socket
+        return done, error
+
+    def _try_run(self, buf: memoryview, run: Run) -> str | None:
+        try:
+            self._read_run(buf, run)
+        except ShortRead as e:
+            return str(e)
+        except OSError as e:
+            return (f"{self.paths[run.file_idx]}: {e.strerror or e} while reading "
+                    f"{run.nbytes} bytes at offset {run.offset}")
+        return None
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -98,10 +130,11 @@ class Reader:
         return None
 
     def _fd(self, file_idx: int) -> int:
-        fd = self._fds.get(file_idx)
-        if fd is None:
-            fd = self._fds[file_idx] = os.open(self.paths[file_idx], os.O_RDONLY)
-        return fd
+        with self._lock:
+            fd = self._fds.get(file_idx)
+            if fd is None:
+                fd = self._fds[file_idx] = os.open(self.paths[file_idx], os.O_RDONLY)
+            return fd
 
     def _read_run(self, buf: memoryview, run: Run) -> None:
         fd = self._fd(run.file_idx)

@@ -1,0 +1,223 @@
+"""`moed plan`: what a configuration needs, from the headers alone, and how fast it should decode.
+
+Memory: non-expert weights + expert cache (slots per layer x expert size) + the workers' staging
+buffer + the KV cache at a context length + the rest (Python, MLX's buffer cache, the workers).
+`load_paged` checks the same figures (without a KV cache) against the memory available before it
+reads anything, so a configuration that cannot fit is refused instead of swapping.
+
+Speed: a profile of this machine, measured in seconds (the expert matmuls of one token at the
+model's shapes and quantization; parallel reads of the checkpoint's expert ranges, cold), and a
+model of a decode step: per MoE layer the misses are read while the resident experts compute,
+then the misses compute; the non-expert weights run at the same bytes/s as the experts.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+
+from moed.workers.index import DTYPE_BYTES
+
+RUNTIME_BYTES = 300 << 20  # Python + MLX + MLX's buffer cache cap, measured 160-260 MB over weights + cache
+WORKER_BYTES = 40 << 20  # RSS of one I/O worker process
+FLOATS = ("F32", "F16", "BF16")
+
+
+class DoesNotFit(ValueError):
+    """A configuration needs more memory than there is; the message has the figures."""
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:,.0f} MB" if n >= 10e6 else f"{n / 1e6:.2f} MB"
+
+
+@dataclass
+class Plan:
+    model: str
+    moe_layers: int
+    experts_per_layer: int
+    top_k: int
+    slots_per_layer: list[int]
+    expert_nbytes: int  # one expert, as cached
+    non_expert_bytes: int
+    expert_bytes: int  # all experts on disk
+    cache_bytes: int
+    staging_bytes: int
+    kv_bytes: int
+    context: int
+    rest_bytes: int
+    ram_bytes: int
+    forecast: dict = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.non_expert_bytes + self.cache_bytes + self.staging_bytes + self.kv_bytes + self.rest_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.ram_bytes
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total_bytes": self.total_bytes, "fits": self.fits}
+
+    def lines(self) -> list[tuple[str, int, str]]:
+        return [("non-expert weights", self.non_expert_bytes, "resident"),
+                ("expert cache", self.cache_bytes,
+                 f"{self.slots_per_layer[0]} of {self.experts_per_layer} experts x {self.moe_layers} layers"),
+                ("staging (shared memory)", self.staging_bytes, "the largest layer's misses at once"),
+                ("KV cache", self.kv_bytes, f"{self.context} tokens"),
+                ("the rest", self.rest_bytes, "Python, MLX buffer cache, I/O workers")]
+
+
+def need_bytes(non_expert: int, cache: int, staging: int, workers: int, kv: int = 0) -> int:
+    return non_expert + cache + staging + kv + RUNTIME_BYTES + workers * WORKER_BYTES
+
+
+def available_bytes() -> int:
+    """Memory available now (`MOED_RAM_GB` overrides: plan for a smaller machine, or test)."""
+    override = os.environ.get("MOED_RAM_GB")
+    return int(float(override) * 1e9) if override else psutil.virtual_memory().available
+
+
+def check_fits(non_expert: int, cache: int, staging: int, workers: int) -> None:
+    """Raise DoesNotFit unless the model as configured fits in the memory available now."""
+    need = need_bytes(non_expert, cache, staging, workers)
+    available = available_bytes()
+    if need > available:
+        raise DoesNotFit(
+            f"this configuration needs {mb(need)} (non-expert weights {mb(non_expert)}, expert cache "
+            f"{mb(cache)}, staging {mb(staging)}, the rest {mb(need - non_expert - cache - staging)}) but "
+            f"{mb(available)} is available; use a smaller --cache-fraction/--cache-gb (see `moed plan`)")
+
+
+def _kv_bytes(net, config: dict, context: int, act_bytes: int) -> int:
+    """KV cache bytes at `context` tokens: attention layers x 2 x kv heads x head dim."""
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    cfg = config.get("text_config", config)
+    heads = cfg.get("num_attention_heads", 1)
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    attn_layers = sum(isinstance(c, KVCache) for c in make_prompt_cache(net))
+    return attn_layers * 2 * kv_heads * head_dim * context * act_bytes
+
+
+def make_plan(model: str | Path, *, cache_fraction: float | None = None, cache_gb: float | None = None,
+              context: int | None = None, ram_gb: float | None = None, workers: int = 2,
+              dtype: str | None = None, top_k: int | None = None) -> Plan:
+    """Headers only: the memory a configuration needs (no weight is read)."""
+    from mlx_lm.utils import load_model
+
+    from moed.daemon.core import context_length
+    from moed.daemon.model import (DTYPES, cached_expert_nbytes, find_switches, index_experts, resolve_model,
+                                   slots_per_layer, top_k_of)
+
+    path = resolve_model(model)
+    net, config = load_model(path, lazy=True)
+    table, layers = index_experts(path, find_switches(net))
+    cast = DTYPES[dtype] if dtype else None
+    k = top_k or top_k_of(config)
+    slots = slots_per_layer(layers, k, cast, cache_fraction, cache_gb)
+    per = [cached_expert_nbytes(layer, cast) for layer in layers]
+    expert_names = {t.info.name for layer in layers for t in layer.tensors}
+    non_expert = 0
+    float_bytes = 4
+    for name, info in table.tensors.items():
+        if name in expert_names:
+            continue
+        if info.dtype in FLOATS:
+            float_bytes = cast.size if cast is not None else DTYPE_BYTES[info.dtype]
+            non_expert += info.nbytes // DTYPE_BYTES[info.dtype] * float_bytes
+        else:
+            non_expert += info.nbytes
+    context = context or context_length(config)
+    return Plan(model=str(path), moe_layers=len(layers), experts_per_layer=layers[0].num_experts, top_k=k,
+                slots_per_layer=slots, expert_nbytes=per[0], non_expert_bytes=non_expert,
+                expert_bytes=sum(layer.expert_nbytes * layer.num_experts for layer in layers),
+                cache_bytes=sum(n * p for n, p in zip(slots, per)),
+                staging_bytes=max(n * layer.expert_nbytes for n, layer in zip(slots, layers)),
+                kv_bytes=_kv_bytes(net, config, context, float_bytes), context=context,
+                rest_bytes=RUNTIME_BYTES + workers * WORKER_BYTES,
+                ram_bytes=int(ram_gb * 1e9) if ram_gb else available_bytes())
+
+
+# ---------------------------------------------------------------- this machine's profile
+
+
+def measure_profile(model: str | Path, read_mb: int = 256, dtype: str | None = None) -> dict:
+    """Seconds for one token's experts of one layer, and parallel read GB/s of expert ranges."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.models.switch_layers import SwitchGLU
+    from mlx_lm.utils import load_model
+
+    from moed.daemon.bench import drop_page_cache
+    from moed.daemon.iobench import coalesce, raw_read
+    from moed.daemon.model import DTYPES, find_switches, index_experts, resolve_model, top_k_of
+
+    path = resolve_model(model)
+    net, config = load_model(path, lazy=True)
+    table, layers = index_experts(path, find_switches(net))
+    cfg = config.get("text_config", config)
+    k = top_k_of(config)
+    hidden = cfg["hidden_size"]
+    inter = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+    q = config.get("quantization", {})
+    floats = [i.dtype for i in table.tensors.values() if i.dtype in FLOATS]
+    act = DTYPES[dtype] if dtype else {"F32": mx.float32, "F16": mx.float16}.get(floats[0], mx.bfloat16)
+    switch = SwitchGLU(hidden, inter, k)  # k experts, one token: a decode step's work in one layer
+    switch.set_dtype(act)
+    if q:
+        nn.quantize(switch, group_size=q.get("group_size", 64), bits=q.get("bits", 4), mode=q.get("mode", "affine"))
+    mx.eval(switch.parameters())
+    x = mx.random.normal((1, 1, hidden)).astype(act)
+    idx = mx.arange(k)[None, None]
+    for _ in range(3):
+        mx.eval(switch(x, idx))
+    n = 20
+    t0 = time.perf_counter()
+    for _ in range(n):
+        mx.eval(switch(x, idx))
+    layer_s = (time.perf_counter() - t0) / n
+    # cold parallel reads of random experts' ranges
+    rng = random.Random(0)
+    ranges, total = [], 0
+    while total < read_mb << 20:
+        layer = rng.choice(layers)
+        e = rng.randrange(layer.num_experts)
+        ranges += coalesce(layer.ranges(e))
+        total += layer.expert_nbytes
+    cache_state = drop_page_cache()
+    read_s = raw_read([str(f) for f in table.files], ranges)
+    return {"expert_layer_s": layer_s, "expert_pair_s": layer_s / k,
+            "expert_compute_gbps": k * layers[0].expert_nbytes / layer_s / 1e9,
+            "disk_gbps": total / read_s / 1e9, "disk_probe_bytes": total, "disk_cache_state": cache_state}
+
+
+def forecast(plan: Plan, profile: dict) -> dict:
+    """Decode tok/s of this plan on a machine with this profile (uniform routing: hit rate = cached share)."""
+    k, layers = plan.top_k, plan.moe_layers
+    c = profile["expert_pair_s"]
+    r = plan.expert_nbytes / (profile["disk_gbps"] * 1e9)
+    per_layer = []
+    for slots in plan.slots_per_layer:
+        h = min(1.0, slots / plan.experts_per_layer)
+        per_layer.append(k * c if h >= 1 else max((1 - h) * k * r, h * k * c) + (1 - h) * k * c)
+    dense_s = plan.non_expert_bytes / (profile["expert_compute_gbps"] * 1e9)
+    step = sum(per_layer) + dense_s
+    return {"decode_tps": 1 / step, "step_s": step, "dense_s": dense_s, "experts_s": sum(per_layer),
+            "hit_rate": sum(min(1.0, s / plan.experts_per_layer) for s in plan.slots_per_layer) / layers,
+            "resident_decode_tps": 1 / (layers * k * c + dense_s)}
+
+
+def largest_fraction(plan_for, ram_bytes: int) -> float | None:
+    """The largest cache fraction (of 1, 0.9, ..., 0.05, 0.01) whose plan fits in `ram_bytes`."""
+    for f in (1.0, 0.9, 0.75, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05, 0.01):
+        if plan_for(f).total_bytes <= ram_bytes:
+            return f
+    return None

@@ -1,0 +1,50 @@
+"""`moed plan`: header-only figures match what loading really takes; configurations that cannot fit
+are refused before anything is read."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+from daemon_util import env_for, moed
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+from moed.daemon.model import load_paged
+from moed.daemon.plan import forecast, make_plan, measure_profile
+
+
+def test_plan_matches_the_loaded_model(tiny_model):
+    model = tiny_model("qwen3_5_moe")
+    plan = make_plan(model, cache_fraction=0.5, context=256)
+    with load_paged(model, cache_fraction=0.5, workers=1) as pm:
+        assert plan.non_expert_bytes == pm.non_expert_bytes
+        assert plan.cache_bytes == pm.info["cache_bytes"]
+        assert plan.slots_per_layer == pm.info["slots_per_layer"]
+        assert plan.expert_bytes == pm.expert_bytes
+        cache = make_prompt_cache(pm.model)
+        mx.eval(pm.model(mx.zeros((1, 256), dtype=mx.int32), cache=cache))
+        kv = sum(c.nbytes for c in cache if isinstance(c, KVCache))
+    assert plan.kv_bytes == kv  # 256 tokens of KV cache, as mlx-lm allocates it
+
+
+def test_forecast_orders_cache_sizes_and_profile_is_measured(tiny_model):
+    model = tiny_model("qwen3_moe")
+    profile = measure_profile(model, read_mb=4)
+    assert profile["expert_layer_s"] > 0 and profile["disk_gbps"] > 0
+    tps = [forecast(make_plan(model, cache_fraction=f), profile)["decode_tps"] for f in (1.0, 0.5, 0.25)]
+    assert tps[0] >= tps[1] >= tps[2] > 0
+
+
+def test_configurations_that_do_not_fit_are_refused(tiny_model, tmp_path):
+    model = str(tiny_model("qwen3_moe"))
+    env = env_for(tmp_path / "rt")
+    out = moed(env, "plan", "--model", model, "--ram", "0.1", "--no-measure", "--json", check=False)
+    doc = json.loads(out.stdout)
+    assert out.returncode == 1 and not doc["fits"] and doc["total_bytes"] > 0.1e9
+    assert doc["largest_fitting_fraction"] is None
+    small = dict(env, MOED_RAM_GB="0.2")  # what `available` reports, for this test
+    gen = moed(small, "generate", "--model", model, "--prompt", "hi", check=False)
+    assert gen.returncode == 2 and "needs" in gen.stderr and "available" in gen.stderr
+    start = moed(small, "start", "--model", model, check=False)
+    assert start.returncode == 1 and "needs" in start.stderr + start.stdout
+    assert not (tmp_path / "rt" / "daemon.json").exists()
