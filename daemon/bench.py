@@ -71,7 +71,8 @@ def measure(spec: dict) -> dict:
         pm = None
     else:
         pm = load_paged(spec["model"], cache_fraction=spec["cache_fraction"], workers=spec["workers"],
-                        dtype=spec.get("dtype"), top_k=spec.get("top_k"), packed=spec.get("packed", True))
+                        dtype=spec.get("dtype"), top_k=spec.get("top_k"), packed=spec.get("packed", True),
+                        direct=spec.get("direct", False))
         model, tokenizer = pm.model, pm.tokenizer
     load_s = time.perf_counter() - t0
     try:
@@ -92,7 +93,7 @@ def measure(spec: dict) -> dict:
                 "read_gbps": st.bytes_read / st.read_seconds / 1e9 if st.read_seconds else 0.0,
                 "read_seconds": st.read_seconds, "cache_bytes": pm.info["cache_bytes"],
                 "slots_per_layer": pm.info["slots_per_layer"][0], "non_expert_bytes": pm.non_expert_bytes,
-                "expert_bytes": pm.expert_bytes, "packed": pm.info["packed"],
+                "expert_bytes": pm.expert_bytes, "packed": pm.info["packed"], "direct": pm.fetcher.direct,
             })
         else:
             out.update({"hit_rate": 1.0, "bytes_read": 0, "bytes_read_per_token": 0.0, "read_gbps": 0.0})
@@ -116,7 +117,7 @@ def io_probe(spec: dict) -> dict:
     """Record a routing trace, then raw parallel reads vs the fetch path on its misses, cold; for
     the stacked safetensors layout and, when `moed pack` made one, the packed one."""
     from moed.daemon.generate import SamplingParams
-    from moed.daemon.iobench import RAW_THREADS, coalesce, miss_ranges, path_read, raw_read
+    from moed.daemon.iobench import RAW_THREADS, coalesce, miss_ranges, path_read, path_read_cpu, raw_read
     from moed.daemon.model import expert_index, top_k_of
     from moed.daemon.trace import record_trace, save_trace
 
@@ -158,6 +159,13 @@ def io_probe(spec: dict) -> dict:
         drop_page_cache()
         out["queue_depth"]["io_path_gbps"][str(depth)] = nbytes / path_read(
             [str(f) for f in table.files], visits, spec["workers"], depth) / 1e9
+    # buffered vs direct (O_DIRECT / F_NOCACHE): speed, and the workers' CPU (the cores compute needs)
+    out["direct"] = {"layout": layout, "cache_fraction": spec["fractions"][0], "bytes": nbytes}
+    for mode in ("buffered", "direct"):
+        state = drop_page_cache()
+        wall, cpu = path_read_cpu([str(f) for f in table.files], visits, spec["workers"], direct=mode == "direct")
+        out["direct"][mode] = {"io_path_gbps": nbytes / wall / 1e9, "worker_cpu_s_per_gb": cpu / (nbytes / 1e9),
+                               "cache_state": state}
     return out
 
 
@@ -466,8 +474,9 @@ def main(a) -> int:
     specs = [] if a.skip_mlx_lm else [{**base, "engine": "mlx-lm", "cache_fraction": None, "sampling": s}
                                       for s in samplings]
     layouts = [x for x in a.layouts.split(",") if x]
-    specs += [{**base, "engine": "moed", "cache_fraction": f, "sampling": s, "packed": lay == "packed"}
-              for s in samplings for lay in layouts for f in fractions]
+    ios = [x for x in a.io.split(",") if x]
+    specs += [{**base, "engine": "moed", "cache_fraction": f, "sampling": s, "packed": lay == "packed",
+               "direct": io == "direct"} for s in samplings for lay in layouts for io in ios for f in fractions]
     runs = []
     for spec in specs:
         console.print(f"[bold]{spec['engine']}[/] cache={spec['cache_fraction']} sampling={spec['sampling']} ...")
@@ -494,13 +503,14 @@ def main(a) -> int:
             r["prefill_ratio_vs_mlx_lm"] = r["prefill_tps"] / ref["prefill_tps"]
             r["same_tokens_as_mlx_lm"] = r["tokens"] == ref["tokens"]
     write_provenance(a, model, base, runs + [plan] + ([io] if io else []),
-                     {"cache_fractions": fractions, "layouts": layouts})
+                     {"cache_fractions": fractions, "layouts": layouts, "io": ios})
     t = Table(title=f"moed bench: {Path(model).name}")
     for c in ("engine", "layout", "cache", "sampling", "decode tok/s", "x mlx-lm", "forecast", "prefill tok/s",
               "ttft s", "hit rate", "MB read/tok", "read GB/s", "peak RSS MB"):
         t.add_column(c, justify="right")
     for r in runs:
-        layout = "-" if "packed" not in r else ("packed" if r["packed"] else "stacked")
+        layout = "-" if "packed" not in r else ("packed" if r["packed"] else "stacked") + (
+            ", direct" if r.get("direct") else "")
         t.add_row(r["engine"], layout, str(r["cache_fraction"] or "-"), r["sampling"], f"{r['decode_tps']:.2f}",
                   f"{r['decode_ratio_vs_mlx_lm']:.2f}" if "decode_ratio_vs_mlx_lm" in r else "-",
                   f"{r['forecast_decode_tps']:.2f}", f"{r['prefill_tps']:.1f}", f"{r['ttft_s']:.2f}",
@@ -516,6 +526,9 @@ def main(a) -> int:
         qd = io["queue_depth"]
         console.print(f"fetch path by reads in flight per worker ({qd['layout']}, cache {qd['cache_fraction']}): "
                       + ", ".join(f"{d}: {g:.2f} GB/s" for d, g in qd["io_path_gbps"].items()))
+        console.print("fetch path buffered vs direct: " + ", ".join(
+            f"{m} {io['direct'][m]['io_path_gbps']:.2f} GB/s ({io['direct'][m]['worker_cpu_s_per_gb']:.2f} worker CPU-s/GB)"
+            for m in ("buffered", "direct")))
     console.print(f"wrote {a.out}")
     return 0
 

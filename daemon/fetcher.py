@@ -150,12 +150,13 @@ class Fetcher:
         start_timeout: seconds for the workers to report Ready.
         min_split_bytes: reads smaller than this are not split across workers.
         queue_depth: reads each worker keeps in flight.
+        direct: bypass the page cache (O_DIRECT / F_NOCACHE).
     """
 
     def __init__(self, files: list[str], workers: int = 2, staging_bytes: int = 64 << 20,
                  runtime_dir: str | os.PathLike | None = None, *, heartbeat_s: float = 0.5,
                  liveness: int = 4, start_timeout: float = 20.0,
-                 min_split_bytes: int = MIN_SPLIT, queue_depth: int = QUEUE_DEPTH):
+                 min_split_bytes: int = MIN_SPLIT, queue_depth: int = QUEUE_DEPTH, direct: bool = False):
         if workers < 1 or staging_bytes < 1:
             raise ValueError("need at least one worker and one byte of staging")
         self.files = [os.path.abspath(os.fspath(f)) for f in files]
@@ -166,6 +167,7 @@ class Fetcher:
         self.start_timeout = start_timeout
         self.min_split_bytes = min_split_bytes
         self.queue_depth = queue_depth
+        self.direct = direct
         self.stats = FetchStats(bytes_by_worker=[0] * workers)
         self._size = _round_up(staging_bytes, GROW_STEP)
         self._res: _Resources | None = None
@@ -371,7 +373,7 @@ class Fetcher:
             raise WorkerError("fetcher is closed" if self._closed else "fetcher not started")
 
     def _configure(self) -> Configure:
-        return Configure(self.files, self._segment.name, self._size, queue_depth=self.queue_depth)
+        return Configure(self.files, self._segment.name, self._size, queue_depth=self.queue_depth, direct=self.direct)
 
     def _spawn(self, slot: int) -> _Worker:
         ours, theirs = socket.socketpair()

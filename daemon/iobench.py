@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import psutil
 
 from moed.daemon.cache import LayerSlots
 from moed.daemon.fetcher import Fetcher
@@ -67,12 +68,22 @@ def raw_read(files: list[str], ranges: list, threads: int = RAW_THREADS) -> floa
             os.close(fd)
 
 
-def path_read(files: list[str], visits: list[list], workers: int, queue_depth: int | None = None) -> float:
+def path_read(files: list[str], visits: list[list], workers: int, queue_depth: int | None = None,
+              direct: bool = False) -> float:
     """Seconds to read the visits' ranges through the Fetcher, one read() per visit."""
+    return path_read_cpu(files, visits, workers, queue_depth, direct)[0]
+
+
+def path_read_cpu(files: list[str], visits: list[list], workers: int, queue_depth: int | None = None,
+                  direct: bool = False) -> tuple[float, float]:
+    """path_read's seconds, and the CPU seconds its worker processes spent."""
     staging = max(sum(n for _, _, n in v) for v in visits) * 2
     depth = {} if queue_depth is None else {"queue_depth": queue_depth}
-    with Fetcher(files, workers=workers, staging_bytes=staging, **depth) as f:
+    with Fetcher(files, workers=workers, staging_bytes=staging, direct=direct, **depth) as f:
+        procs = [psutil.Process(p) for p in f.pids]
+        cpu0 = sum(sum(p.cpu_times()[:2]) for p in procs)
         t0 = time.perf_counter()
         for v in visits:
             f.read(v)
-        return time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        return wall, sum(sum(p.cpu_times()[:2]) for p in procs) - cpu0

@@ -222,7 +222,8 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
                workers: int = 2, dtype: str | None = None,
                warm: bool = True, top_k: int | None = None,
                progress: Callable[[str, float], None] | None = None,
-               group: mx.distributed.Group | None = None, packed: bool = True) -> PagedModel:
+               group: mx.distributed.Group | None = None, packed: bool = True,
+               direct: bool = False) -> PagedModel:
     """Load a checkpoint with resident non-expert weights and a bounded expert cache.
 
     Args:
@@ -238,6 +239,7 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
         group: the ranks this model is split across (mlx-lm's pipeline split); this rank loads
             and pages only its own layers.
         packed: read experts from the checkpoint's `moed pack` store when it is current.
+        direct: read experts bypassing the page cache (O_DIRECT / F_NOCACHE).
     """
     report = progress or (lambda phase, done: None)
     report("building the model", 0.0)
@@ -270,7 +272,7 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
                sum(n * cached_expert_nbytes(layer, cast) for n, layer in zip(n_slots, layers)), staging, workers)
     report("starting I/O workers", 0.1)
     fetcher = Fetcher([str(f) for f in table.files], workers=workers, staging_bytes=staging,
-                      runtime_dir=daemon_files().dir).start()
+                      runtime_dir=daemon_files().dir, direct=direct).start()
     try:
         store = ExpertStore(layers, n_slots, fetcher, cast)
         for i, (p, m) in enumerate(switches):

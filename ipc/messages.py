@@ -64,7 +64,7 @@ class Configure:
     files: list[str]  # file_idx in Read items indexes this list
     shm_name: str  # staging segment the worker reads into
     shm_size: int
-    direct: bool = False  # reserved: O_DIRECT / F_NOCACHE reads (not implemented yet)
+    direct: bool = False  # bypass the page cache: O_DIRECT (Linux) / F_NOCACHE (macOS)
     queue_depth: int = 4  # reads a worker keeps in flight
 
 

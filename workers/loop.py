@@ -41,11 +41,12 @@ class IOService:
 
     def configure(self, msg: Configure) -> None:
         self._detach()
-        if self.reader is None or self.reader.paths != msg.files or self.reader.depth != msg.queue_depth:
+        if (self.reader is None or self.reader.paths != msg.files or self.reader.depth != msg.queue_depth
+                or self.reader.direct != msg.direct):
             if self.reader is not None:
                 self.reader.close()
-            self.reader = Reader(msg.files, msg.queue_depth)
-        self.error = "direct I/O is not implemented yet" if msg.direct else None
+            self.reader = Reader(msg.files, msg.queue_depth, msg.direct)
+        self.error = None
         try:
             self.segment = shm.attach(msg.shm_name)
         except OSError as e:
