@@ -43,7 +43,14 @@ R := bench/results
 # Every figure the README quotes; each writes its own provenance file under bench/results/.
 bench: venv
 	$(BIN)/moed make-model $(MED) --arch qwen3_moe --preset med --skip-existing
+	$(BIN)/moed pack $(MED)
 	$(BIN)/moed bench --model $(MED) --out $(R)/med-paged.json --cold --sampling random,greedy
+	$(BIN)/moed bench --model $(MED) --out $(R)/med-pack.json --cold --cache-fractions 0.25,0.1 \
+		--layouts stacked,packed --io buffered,direct
+	$(BIN)/moed bench --model $(MED) --out $(R)/med-prefill.json --cold --cache-fractions 0.25 \
+		--prompt-tokens 512 --max-tokens 8 --sampling greedy
+	$(BIN)/moed bench --model $(MED) --out $(R)/med-ranks.json --cold --ranks 1,2 --cache-fractions 0.25 \
+		--sampling random,greedy
 	$(BIN)/moed bench --model $(MED) --out $(R)/med-concurrency.json --cold --concurrency 1,2,4 \
 		--cache-fractions 0.25 --sampling random,greedy
 	$(BIN)/moed bench --model $(MED) --out $(R)/med-top-k.json --cold --top-k 8,6,4,2 --cache-fractions 0.25
