@@ -350,16 +350,22 @@ def concurrency_run(model: str, fraction: float, n: int, spec: dict, cold: bool)
         shutil.rmtree(runtime, ignore_errors=True)
 
 
-def main_concurrency(a, console, model: str, base: dict) -> int:
-    from rich.table import Table
-
-    levels = [int(x) for x in str(a.concurrency).split(",") if x]
+def sweep(a, console, option: str, run, model: str, base: dict) -> tuple[list[int], float, list]:
+    """`--OPTION 1,2,4` at the first cache fraction: run(model, fraction, n, spec, cold) per sampling x n."""
+    levels = [int(x) for x in str(getattr(a, option)).split(",") if x]
     fraction = float(str(a.cache_fractions).split(",")[0])
     runs = []
     for sampling in [s for s in a.sampling.split(",") if s]:
         for n in levels:
-            console.print(f"[bold]moed daemon[/] cache={fraction} concurrency={n} sampling={sampling} ...")
-            runs.append(concurrency_run(model, fraction, n, {**base, "sampling": sampling}, a.cold))
+            console.print(f"[bold]moed[/] cache={fraction} {option}={n} sampling={sampling} ...")
+            runs.append(run(model, fraction, n, {**base, "sampling": sampling}, a.cold))
+    return levels, fraction, runs
+
+
+def main_concurrency(a, console, model: str, base: dict) -> int:
+    from rich.table import Table
+
+    levels, fraction, runs = sweep(a, console, "concurrency", concurrency_run, model, base)
     for r in runs:
         one = next(x for x in runs if x["concurrency"] == 1 and x["sampling"] == r["sampling"])
         r["aggregate_ratio_vs_1"] = r["aggregate_decode_tps"] / one["aggregate_decode_tps"]
@@ -406,13 +412,7 @@ def ranks_run(model: str, fraction: float, n: int, spec: dict, cold: bool) -> di
 def main_ranks(a, console, model: str, base: dict) -> int:
     from rich.table import Table
 
-    levels = [int(x) for x in str(a.ranks).split(",") if x]
-    fraction = float(str(a.cache_fractions).split(",")[0])
-    runs = []
-    for sampling in [s for s in a.sampling.split(",") if s]:
-        for n in levels:
-            console.print(f"[bold]moed generate[/] ranks={n} cache={fraction} sampling={sampling} ...")
-            runs.append(ranks_run(model, fraction, n, {**base, "sampling": sampling}, a.cold))
+    levels, fraction, runs = sweep(a, console, "ranks", ranks_run, model, base)
     for r in runs:
         one = next(x for x in runs if x["ranks"] == min(levels) and x["sampling"] == r["sampling"])
         r["decode_ratio_vs_fewest_ranks"] = r["decode_tps"] / one["decode_tps"]
