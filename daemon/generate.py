@@ -43,7 +43,18 @@ class GenerationResult:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size."""
+    """This process's peak resident set size.
+
+    Linux: VmHWM, the high-water mark of this process image; `ru_maxrss` survives exec, so a child
+    of a large parent would report the parent's size. macOS: `ru_maxrss` (bytes there).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

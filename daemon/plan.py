@@ -151,8 +151,9 @@ def make_plan(model: str | Path, *, cache_fraction: float | None = None, cache_g
 # ---------------------------------------------------------------- this machine's profile
 
 
-def measure_profile(model: str | Path, read_mb: int = 256, dtype: str | None = None) -> dict:
-    """Seconds for one token's experts of one layer, and parallel read GB/s of expert ranges."""
+def measure_profile(model: str | Path, read_mb: int = 256, dtype: str | None = None, cold: bool = True) -> dict:
+    """Seconds for one token's experts of one layer, and parallel read GB/s of expert ranges
+    (`cold`: from an emptied page cache, where the OS lets us)."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm.models.switch_layers import SwitchGLU
@@ -194,7 +195,7 @@ def measure_profile(model: str | Path, read_mb: int = 256, dtype: str | None = N
         e = rng.randrange(layer.num_experts)
         ranges += coalesce(layer.ranges(e))
         total += layer.expert_nbytes
-    cache_state = drop_page_cache()
+    cache_state = drop_page_cache() if cold else "warm"
     read_s = raw_read([str(f) for f in table.files], ranges)
     src = np.random.randint(0, 255, 64 << 20, dtype=np.uint8)  # staging -> slot copies
     dst = np.empty_like(src)

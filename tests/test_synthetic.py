@@ -237,11 +237,12 @@ def test_peak_memory_bounded(tmp_path):
     # Write a 256 MiB checkpoint in a fresh process; its peak RSS must grow by
     # much less than the checkpoint size.
     script = textwrap.dedent(f"""
-        import resource, psutil
+        import psutil
         from moed.daemon import synthetic
+        from moed.daemon.generate import peak_rss_bytes
         before = psutil.Process().memory_info().rss
         synthetic.make_model({str(tmp_path / "m")!r}, "mixtral", "small", size_gb=0.25, progress=False)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak_rss_bytes()
         print((peak - before) // (1 << 20))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
