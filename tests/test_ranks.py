@@ -73,3 +73,16 @@ def test_two_rank_daemon_serves_and_stops_clean(tiny_model, tmp_path):
     pids = [r["pid"] for r in ranks]
     assert_nothing_left(runtime, pids + workers, snap["pid"])
     assert not shm_of(ranks[1]["pid"])
+
+
+def test_hosts_file_runs_one_rank_per_entry(tiny_model, tmp_path):
+    """--hosts takes an mlx.launch host file; two loopback entries are two ranks here."""
+    model = tiny_model("qwen3_moe")
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
+    env = env_for(tmp_path / "rt")
+    got = generate(env, model, "--hosts", str(hosts))
+    assert len(got["ranks"]) == 2 and got["tokens"] == reference_tokens(model)
+    missing = moed(env, "generate", "--model", str(model), "--prompt", "hi", "--hosts", str(tmp_path / "nope.json"),
+                   check=False)
+    assert missing.returncode == 2 and "no host file" in missing.stderr
