@@ -66,13 +66,17 @@ def measure(spec: dict) -> dict:
         return io_probe(spec)
     if spec["engine"] == "plan":
         return plan_forecast(spec)
+    if spec["engine"] == "lookahead":
+        from moed.daemon import lookahead
+
+        return lookahead.measure(spec["model"], PROMPT_TEXT, params)
     if spec["engine"] == "mlx-lm":
         model, tokenizer = load_resident(spec["model"], spec.get("dtype"), top_k=spec.get("top_k"))
         pm = None
     else:
         pm = load_paged(spec["model"], cache_fraction=spec["cache_fraction"], workers=spec["workers"],
                         dtype=spec.get("dtype"), top_k=spec.get("top_k"), packed=spec.get("packed", True),
-                        direct=spec.get("direct", False))
+                        direct=spec.get("direct", False), lookahead=spec.get("lookahead", False))
         model, tokenizer = pm.model, pm.tokenizer
     load_s = time.perf_counter() - t0
     try:
@@ -94,6 +98,8 @@ def measure(spec: dict) -> dict:
                 "read_seconds": st.read_seconds, "cache_bytes": pm.info["cache_bytes"],
                 "slots_per_layer": pm.info["slots_per_layer"][0], "non_expert_bytes": pm.non_expert_bytes,
                 "expert_bytes": pm.expert_bytes, "packed": pm.info["packed"], "direct": pm.fetcher.direct,
+                "lookahead": spec.get("lookahead", False), "prefetched": st.prefetched,
+                "prefetch_used": st.prefetch_used,
             })
         else:
             out.update({"hit_rate": 1.0, "bytes_read": 0, "bytes_read_per_token": 0.0, "read_gbps": 0.0})
@@ -475,8 +481,10 @@ def main(a) -> int:
                                       for s in samplings]
     layouts = [x for x in a.layouts.split(",") if x]
     ios = [x for x in a.io.split(",") if x]
+    aheads = [x == "on" for x in a.lookahead.split(",") if x]
     specs += [{**base, "engine": "moed", "cache_fraction": f, "sampling": s, "packed": lay == "packed",
-               "direct": io == "direct"} for s in samplings for lay in layouts for io in ios for f in fractions]
+               "direct": io == "direct", "lookahead": ahead}
+              for s in samplings for lay in layouts for io in ios for ahead in aheads for f in fractions]
     runs = []
     for spec in specs:
         console.print(f"[bold]{spec['engine']}[/] cache={spec['cache_fraction']} sampling={spec['sampling']} ...")
@@ -489,6 +497,12 @@ def main(a) -> int:
             f = {"decode_tps": next(iter(plan["forecasts"].values()))["resident_decode_tps"]}
         r["forecast_decode_tps"] = f["decode_tps"]
         r["measured_over_forecast"] = r["decode_tps"] / f["decode_tps"]
+    extra = []
+    if any(aheads):
+        console.print("[bold]lookahead recall[/] (next layer's router on this layer's input) ...")
+        extra.append(run_one({**base, "engine": "lookahead", "cache_fraction": None, "sampling": "random"}, cold=False))
+        console.print("recall of the lookahead {recall_lookahead:.1%}, of the previous token's experts "
+                      "{recall_previous_token:.1%}, chance {chance:.1%}".format(**extra[-1]))
     partial = [f for f in fractions if f < 1]
     io = None
     if partial:
@@ -502,15 +516,15 @@ def main(a) -> int:
             r["decode_ratio_vs_mlx_lm"] = r["decode_tps"] / ref["decode_tps"]
             r["prefill_ratio_vs_mlx_lm"] = r["prefill_tps"] / ref["prefill_tps"]
             r["same_tokens_as_mlx_lm"] = r["tokens"] == ref["tokens"]
-    write_provenance(a, model, base, runs + [plan] + ([io] if io else []),
-                     {"cache_fractions": fractions, "layouts": layouts, "io": ios})
+    write_provenance(a, model, base, runs + [plan] + extra + ([io] if io else []),
+                     {"cache_fractions": fractions, "layouts": layouts, "io": ios, "lookahead": aheads})
     t = Table(title=f"moed bench: {Path(model).name}")
     for c in ("engine", "layout", "cache", "sampling", "decode tok/s", "x mlx-lm", "forecast", "prefill tok/s",
               "ttft s", "hit rate", "MB read/tok", "read GB/s", "peak RSS MB"):
         t.add_column(c, justify="right")
     for r in runs:
         layout = "-" if "packed" not in r else ("packed" if r["packed"] else "stacked") + (
-            ", direct" if r.get("direct") else "")
+            ", direct" if r.get("direct") else "") + (", lookahead" if r.get("lookahead") else "")
         t.add_row(r["engine"], layout, str(r["cache_fraction"] or "-"), r["sampling"], f"{r['decode_tps']:.2f}",
                   f"{r['decode_ratio_vs_mlx_lm']:.2f}" if "decode_ratio_vs_mlx_lm" in r else "-",
                   f"{r['forecast_decode_tps']:.2f}", f"{r['prefill_tps']:.1f}", f"{r['ttft_s']:.2f}",

@@ -18,6 +18,8 @@ class CacheStats:
     misses: int = 0
     bytes_read: int = 0
     read_seconds: float = 0.0
+    prefetched: int = 0  # experts read ahead by lookahead
+    prefetch_used: int = 0  # of those, the ones the layer's routing then chose
     layer_hits: list[int] = field(default_factory=list)
     layer_misses: list[int] = field(default_factory=list)
 
@@ -31,6 +33,7 @@ class CacheStats:
             "hits": self.hits, "misses": self.misses,
             "hit_rate": self.hit_rate, "bytes_read": self.bytes_read,
             "read_seconds": self.read_seconds,
+            "prefetched": self.prefetched, "prefetch_used": self.prefetch_used,
             "layer_hits": list(self.layer_hits), "layer_misses": list(self.layer_misses),
         }
 

@@ -4,6 +4,9 @@ Each stacked expert tensor of a layer (e.g. `gate_proj.weight`, shape (num_exper
 replaced by a preallocated pool of shape (n_slots, ...). The original mlx-lm module still does
 the math (`gather_qmm` and friends); it just receives slot indices instead of expert indices.
 Missed experts are read by the I/O workers into shared memory and copied into their slots.
+With lookahead, a decode step's layer also applies the next MoE layer's router to its own input
+and starts reading that layer's predicted misses as soon as its own are in (one read in flight at
+a time: the staging buffer is shared).
 """
 
 from __future__ import annotations
@@ -100,6 +103,8 @@ class ExpertStore:
         n = len(layers)
         self.stats = CacheStats(layer_hits=[0] * n, layer_misses=[0] * n)
         self.trace: list | None = None  # (layer, experts) per decode visit, when recording a trace
+        self.ahead: Pending | None = None  # a lookahead read in flight
+        self._predicted: tuple[int, set] = (-1, set())  # the last prefetch's layer and experts
         # recent use per (layer, expert), decayed once per model step (half-life ~14 steps)
         self.heat = np.zeros((n, max(layer.num_experts for layer in layers)), dtype=np.float32)
 
@@ -108,9 +113,41 @@ class ExpertStore:
         self.finish(self.begin(layer, experts))
         return self.slots[layer].lut
 
+    def prefetch(self, layer: int, experts: np.ndarray) -> None:
+        """Lookahead: give `experts` of `layer` slots and start reading the missed ones now; the
+        layer's own step settles the read first. Not counted as hits or misses."""
+        slots = self.slots[layer]
+        if self.ahead is not None or len(experts) > slots.n_slots:
+            return
+        _, filled = slots.assign(experts)
+        self._predicted = (layer, {e for e, _ in filled})
+        if filled:
+            self.ahead = self._submit(layer, filled)
+            self.stats.prefetched += len(filled)
+
+    def settle(self) -> None:
+        """Copy a lookahead read into its slots (before any other read or compute)."""
+        if self.ahead is not None:
+            p, self.ahead = self.ahead, None
+            self.finish(p)
+
+    def _submit(self, layer: int, filled: list[tuple[int, int]]) -> Pending:
+        ranges = [r for e, _ in filled for r in self.layers[layer].ranges(e)]
+        t0 = time.perf_counter()
+        try:
+            ticket = self.reader.submit(ranges)
+        except BaseException:
+            self.slots[layer].forget([e for e, _ in filled])
+            raise
+        return Pending(layer, filled, ranges, ticket, t0)
+
     def begin(self, layer: int, experts: np.ndarray) -> Pending | None:
         """Give `experts` slots and start reading the missed ones; None when all are resident."""
+        self.settle()
         slots = self.slots[layer]
+        if self._predicted[0] == layer:
+            self.stats.prefetch_used += len(self._predicted[1].intersection(experts.tolist()))
+            self._predicted = (-1, set())
         if layer == 0:
             self.heat *= HEAT_DECAY
         self.heat[layer, experts] += 1
@@ -121,15 +158,7 @@ class ExpertStore:
         self.stats.layer_misses[layer] += len(filled)
         if not filled:
             return None
-        spec = self.layers[layer]
-        ranges = [r for e, _ in filled for r in spec.ranges(e)]
-        t0 = time.perf_counter()
-        try:
-            ticket = self.reader.submit(ranges)
-        except BaseException:
-            slots.forget([e for e, _ in filled])
-            raise
-        return Pending(layer, filled, ranges, ticket, t0)
+        return self._submit(layer, filled)
 
     def count_resident(self, layer: int, pairs: int) -> None:
         """Account a step of a fully resident layer (no routing reaches the host there)."""
@@ -191,14 +220,34 @@ class PagedSwitch(nn.Module):
         self.inner = inner
         self.store = store
         self.layer = layer
+        self.lookahead = None  # (next MoE layer's router, its top-k), set by load_paged
+
+    def set_lookahead(self, router: nn.Module, k: int) -> None:
+        # a plain attribute: the router stays a parameter of its own block only
+        object.__setattr__(self, "lookahead", (router, k))
+
+    def _predict(self, x: mx.array, indices: mx.array) -> mx.array | None:
+        """The next layer's experts for these tokens, by its router on this layer's input (decode only)."""
+        if self.lookahead is None or indices.shape[-2] != 1 or self.store.trace is not None:
+            return None
+        router, k = self.lookahead
+        predicted = mx.argpartition(router(x), kth=-k, axis=-1)[..., -k:]
+        mx.eval(indices, predicted)  # still the layer's one host sync
+        return predicted
+
+    def _read_ahead(self, predicted: mx.array | None) -> None:
+        if predicted is not None:
+            self.store.prefetch(self.layer + 1, np.unique(np.array(predicted)))
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        self.store.settle()
         slots = self.store.slots[self.layer]
         if slots.used == len(slots.lut) and self.store.trace is None:  # all resident: no paging, no sync
             if slots.device_lut is None:
                 slots.device_lut = mx.array(slots.lut)
             self.store.count_resident(self.layer, indices.size)
             return self.inner(x, slots.device_lut[indices])
+        predicted = self._predict(x, indices)
         idx = np.array(indices)  # the one host sync of this layer: the router's choice
         experts = np.unique(idx)
         if self.store.trace is not None and idx.shape[-2] == 1:  # decode steps only
@@ -208,16 +257,19 @@ class PagedSwitch(nn.Module):
             return self._by_group(x, idx, groups)
         pending = self.store.begin(self.layer, experts)
         if pending is None:
-            return self.inner(x, mx.array(slots.lut[idx]))
-        return self._overlapped(x, idx, pending)
+            y = self.inner(x, mx.array(slots.lut[idx]))
+            self._read_ahead(predicted)
+            return y
+        return self._overlapped(x, idx, pending, predicted)
 
     def _rows(self, xf: mx.array, flat: np.ndarray, rows: np.ndarray, k: int) -> mx.array:
         """The expert outputs of the (token, choice) pairs `rows` of the flattened indices."""
         lut = self.store.slots[self.layer].lut
         return self.inner(xf[mx.array(rows // k)], mx.array(lut[flat[rows]])[:, None])[:, 0]
 
-    def _overlapped(self, x: mx.array, idx: np.ndarray, pending) -> mx.array:
-        """Compute the pairs whose experts are resident while the missed ones are read."""
+    def _overlapped(self, x: mx.array, idx: np.ndarray, pending, predicted: mx.array | None = None) -> mx.array:
+        """Compute the pairs whose experts are resident while the missed ones are read; then
+        start the next layer's lookahead read, which runs while the misses compute."""
         k, flat = idx.shape[-1], idx.reshape(-1)
         xf = x.reshape(-1, x.shape[-1])
         missed = np.zeros(len(self.store.slots[self.layer].lut), dtype=bool)
@@ -226,11 +278,19 @@ class PagedSwitch(nn.Module):
         hit_rows = np.nonzero(~missed[flat])[0]
         if len(hit_rows) == 0:
             self.store.finish(pending)
-            return self.inner(x, mx.array(self.store.slots[self.layer].lut[idx]))
+            y = self.inner(x, mx.array(self.store.slots[self.layer].lut[idx]))
+            if predicted is not None:
+                mx.async_eval(y)
+                self._read_ahead(predicted)
+            return y
         y_hit = self._rows(xf, flat, hit_rows, k)
         mx.async_eval(y_hit)  # runs while the workers read the misses
         self.store.finish(pending)
-        y = mx.concatenate([y_hit, self._rows(xf, flat, miss_rows, k)])
+        y_miss = self._rows(xf, flat, miss_rows, k)
+        if predicted is not None:
+            mx.async_eval(y_miss)
+            self._read_ahead(predicted)
+        y = mx.concatenate([y_hit, y_miss])
         y = y[mx.array(np.argsort(np.concatenate([hit_rows, miss_rows])))]
         return y.reshape(*idx.shape, y.shape[-1])
 

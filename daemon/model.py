@@ -87,12 +87,16 @@ def find_switches(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return sorted(found, key=lambda pm: [int(t) if t.isdigit() else -1 for t in pm[0].split(".")])
 
 
-def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+def parent_of(model: nn.Module, path: str) -> nn.Module:
+    """The module holding the module at `path` (for an expert module: its MoE block)."""
     parent = model
-    *parents, name = path.split(".")
-    for part in parents:
+    for part in path.split(".")[:-1]:
         parent = parent[int(part)] if isinstance(parent, list) else parent[part]
-    setattr(parent, name, module)
+    return parent
+
+
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    setattr(parent_of(model, path), path.split(".")[-1], module)
 
 
 def set_top_k(model: nn.Module, k: int) -> int:
@@ -102,9 +106,7 @@ def set_top_k(model: nn.Module, k: int) -> int:
     """
     n = 0
     for path, _ in find_switches(model):
-        parent = model
-        for part in path.split(".")[:-1]:
-            parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+        parent = parent_of(model, path)
         for name in ("top_k", "num_experts_per_tok"):
             if isinstance(getattr(parent, name, None), int):
                 setattr(parent, name, k)
@@ -223,7 +225,7 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
                warm: bool = True, top_k: int | None = None,
                progress: Callable[[str, float], None] | None = None,
                group: mx.distributed.Group | None = None, packed: bool = True,
-               direct: bool = False) -> PagedModel:
+               direct: bool = False, lookahead: bool = False) -> PagedModel:
     """Load a checkpoint with resident non-expert weights and a bounded expert cache.
 
     Args:
@@ -240,6 +242,8 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
             and pages only its own layers.
         packed: read experts from the checkpoint's `moed pack` store when it is current.
         direct: read experts bypassing the page cache (O_DIRECT / F_NOCACHE).
+        lookahead: while decoding, read the next MoE layer's experts as predicted by its router
+            on this layer's input.
     """
     report = progress or (lambda phase, done: None)
     report("building the model", 0.0)
@@ -275,10 +279,15 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
                       runtime_dir=daemon_files().dir, direct=direct).start()
     try:
         store = ExpertStore(layers, n_slots, fetcher, cast)
+        paged = []
         for i, (p, m) in enumerate(switches):
             params = [k for k, _ in tree_flatten(m.parameters())]
             m.update(tree_unflatten([(k, pool.array) for k, pool in zip(params, store.pools[i])]))
-            set_module(net, p, PagedSwitch(m, store, i))
+            paged.append(PagedSwitch(m, store, i))
+            set_module(net, p, paged[-1])
+        if lookahead:
+            for here, (p, _) in zip(paged, switches[1:]):
+                here.set_lookahead(parent_of(net, p).gate, top_k)
         resident = [v for k, v in tree_flatten(net.parameters()) if ".inner." not in k]
         non_expert = sum(v.nbytes for v in resident)
         done = 0

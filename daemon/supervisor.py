@@ -40,6 +40,7 @@ class DaemonConfig:
     top_k: int | None = None
     packed: bool = True
     direct: bool = False
+    lookahead: bool = False
     max_batch: int = 8
     max_queue: int = 32
     http: str | None = None  # "HOST:PORT"
@@ -278,7 +279,8 @@ def load_model(c: DaemonConfig, link, progress=None):
     from moed.daemon.model import load_paged
 
     return load_paged(c.model, cache_fraction=c.cache_fraction, cache_gb=c.cache_gb, workers=c.workers,
-                      dtype=c.dtype, warm=c.warm, top_k=c.top_k, packed=c.packed, direct=c.direct, progress=progress,
+                      dtype=c.dtype, warm=c.warm, top_k=c.top_k, packed=c.packed, direct=c.direct,
+                      lookahead=c.lookahead, progress=progress,
                       group=link.group if link is not None else None)
 
 
