@@ -22,8 +22,9 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-warm", dest="warm", action="store_false",
                    help="start with an empty expert cache (default: fill it at load)")
     p.add_argument("--top-k", type=int, help="route each token to K experts instead of the model's top-k")
-    p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=False,
-                   help="read the next layer's predicted experts while this layer computes")
+    p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None,
+                   help="read the next layer's predicted experts while this layer computes "
+                        "(default: when the cache holds at most 20%% of each layer's experts)")
     p.add_argument("--direct", action="store_true",
                    help="read experts bypassing the page cache (O_DIRECT on Linux, F_NOCACHE on macOS)")
     p.add_argument("--no-pack", dest="packed", action="store_false",
@@ -193,7 +194,7 @@ def _daemon_args(a: argparse.Namespace) -> list[str]:
     if not model:
         raise ValueError("give --model DIR (or --demo)")
     out = ["--model", model, "--workers", str(a.workers), "--max-batch", str(a.max_batch),
-           "--max-queue", str(a.max_queue)] + ([] if a.warm else ["--no-warm"]) + ([] if a.packed else ["--no-pack"]) + (["--direct"] if a.direct else []) + (["--lookahead"] if a.lookahead else ["--no-lookahead"])
+           "--max-queue", str(a.max_queue)] + ([] if a.warm else ["--no-warm"]) + ([] if a.packed else ["--no-pack"]) + (["--direct"] if a.direct else []) + ({True: ["--lookahead"], False: ["--no-lookahead"]}.get(a.lookahead, []))
     for flag, v in (("--cache-fraction", a.cache_fraction), ("--cache-gb", a.cache_gb), ("--dtype", a.dtype),
                     ("--top-k", a.top_k),
                     ("--http", a.http), ("--api-key", a.api_key)):
@@ -352,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=2)
     b.add_argument("--dtype", choices=["float32"])
     b.add_argument("--concurrency", help="e.g. 1,2,4: N concurrent streams through a daemon (first cache fraction)")
-    b.add_argument("--lookahead", default="off", help="comma list of off, on (lookahead reads)")
+    b.add_argument("--lookahead", default="auto", help="comma list of auto, off, on (lookahead reads)")
     b.add_argument("--io", default="buffered", help="comma list of buffered, direct (O_DIRECT / F_NOCACHE reads)")
     b.add_argument("--layouts", default="packed",
                    help="comma list of packed (the `moed pack` store when present), stacked (the shards)")

@@ -76,7 +76,7 @@ def measure(spec: dict) -> dict:
     else:
         pm = load_paged(spec["model"], cache_fraction=spec["cache_fraction"], workers=spec["workers"],
                         dtype=spec.get("dtype"), top_k=spec.get("top_k"), packed=spec.get("packed", True),
-                        direct=spec.get("direct", False), lookahead=spec.get("lookahead", False))
+                        direct=spec.get("direct", False), lookahead=spec.get("lookahead"))
         model, tokenizer = pm.model, pm.tokenizer
     load_s = time.perf_counter() - t0
     try:
@@ -98,7 +98,7 @@ def measure(spec: dict) -> dict:
                 "read_seconds": st.read_seconds, "cache_bytes": pm.info["cache_bytes"],
                 "slots_per_layer": pm.info["slots_per_layer"][0], "non_expert_bytes": pm.non_expert_bytes,
                 "expert_bytes": pm.expert_bytes, "packed": pm.info["packed"], "direct": pm.fetcher.direct,
-                "lookahead": spec.get("lookahead", False), "prefetched": st.prefetched,
+                "lookahead": pm.info["lookahead"], "prefetched": st.prefetched,
                 "prefetch_used": st.prefetch_used,
             })
         else:
@@ -481,7 +481,7 @@ def main(a) -> int:
                                       for s in samplings]
     layouts = [x for x in a.layouts.split(",") if x]
     ios = [x for x in a.io.split(",") if x]
-    aheads = [x == "on" for x in a.lookahead.split(",") if x]
+    aheads = [{"on": True, "off": False}.get(x) for x in a.lookahead.split(",") if x]
     specs += [{**base, "engine": "moed", "cache_fraction": f, "sampling": s, "packed": lay == "packed",
                "direct": io == "direct", "lookahead": ahead}
               for s in samplings for lay in layouts for io in ios for ahead in aheads for f in fractions]
@@ -498,7 +498,7 @@ def main(a) -> int:
         r["forecast_decode_tps"] = f["decode_tps"]
         r["measured_over_forecast"] = r["decode_tps"] / f["decode_tps"]
     extra = []
-    if any(aheads):
+    if True in aheads:
         console.print("[bold]lookahead recall[/] (next layer's router on this layer's input) ...")
         extra.append(run_one({**base, "engine": "lookahead", "cache_fraction": None, "sampling": "random"}, cold=False))
         console.print("recall of the lookahead {recall_lookahead:.1%}, of the previous token's experts "

@@ -40,7 +40,7 @@ class DaemonConfig:
     top_k: int | None = None
     packed: bool = True
     direct: bool = False
-    lookahead: bool = False
+    lookahead: bool | None = None  # None: moed.daemon.model.LOOKAHEAD_BELOW decides
     max_batch: int = 8
     max_queue: int = 32
     http: str | None = None  # "HOST:PORT"

@@ -106,3 +106,24 @@ def test_top_k_override_matches_mlx_lm_with_the_same_override(arch, tiny_models)
     with load_paged(tiny_models[arch], cache_fraction=0.25, top_k=2) as pm:
         r = run(pm.model, pm.tokenizer, PROMPTS[1], SamplingParams(max_tokens=24))
     assert r.tokens == ref.tokens and r.tokens != full.tokens
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lookahead_is_exact_and_predicts(arch, tiny_models, references):
+    """Reading the next layer's predicted experts early changes what is cached, never the output."""
+    hit_rates = {}
+    for ahead in (False, True):
+        with load_paged(tiny_models[arch], cache_fraction=0.25, workers=2, lookahead=ahead) as pm:
+            for p in PROMPTS:
+                r = run(pm.model, pm.tokenizer, p, SamplingParams(max_tokens=MAX_TOKENS))
+                tokens, logprobs = references[arch, p]
+                assert r.tokens == tokens
+                np.testing.assert_allclose(np.array(r.logprobs), logprobs, atol=1e-5)
+            st = pm.store.stats
+            hit_rates[ahead] = st.hit_rate
+            if ahead:
+                chance = pm.top_k / pm.info["experts_per_layer"][0]
+                assert st.prefetched > 0 and st.prefetch_used / st.prefetched > 2 * chance
+            else:
+                assert st.prefetched == 0
+    assert hit_rates[True] > hit_rates[False]
