@@ -16,6 +16,13 @@ def mb(n: float | None) -> str:
     return f"{n:.0f} B"
 
 
+def _read_mode(io: dict) -> str:
+    if "packed" not in io:
+        return ""
+    mode = ["packed" if io["packed"] else "stacked", "direct" if io["direct"] else "buffered"]
+    return f" ({', '.join(mode + (['lookahead'] if io['lookahead'] else []))})"
+
+
 def overview_table(s: dict) -> Table:
     cache = s.get("cache", {})
     t = Table(title="moed", show_header=False, title_justify="left")
@@ -28,7 +35,7 @@ def overview_table(s: dict) -> Table:
         ("daemon", f"pid {s.get('pid')}, up {s.get('uptime_s', 0):.0f} s, RSS {mb(s.get('rss_bytes'))}"),
         ("cache", f"{mb(cache.get('budget_bytes'))} of {mb(s.get('expert_bytes'))} experts, "
                   f"{used:.0%} of slots filled, hit rate {cache.get('hit_rate', 0):.1%}"),
-        ("disk", f"{mb(cache.get('bytes_read'))} read"),
+        ("disk", f"{mb(cache.get('bytes_read'))} read" + _read_mode(s.get("io", {}))),
         ("decode", f"{s.get('decode_tps', 0):.2f} tok/s"),
         ("workers", ", ".join(f"{w['pid']}{'' if w['alive'] else ' (dead)'}" for w in s.get("workers", [])) or "-"),
         ("requests", f"{len(s.get('requests', []))} active, {s.get('totals', {}).get('requests', 0)} total"),

@@ -66,7 +66,9 @@ def test_two_rank_daemon_serves_and_stops_clean(tiny_model, tmp_path):
         ranks = snap["ranks"]
         assert len(ranks) == 2 and ranks[0]["pid"] == snap["pid"]
         assert sorted(tuple(r["layers"]) for r in ranks) == [(0, 2), (2, 4)]
-        assert "ranks" in moed(env, "ps").stdout
+        ps = moed(env, "ps").stdout
+        assert "ranks" in ps and "stacked, buffered" in ps  # no pack here; lookahead off at 50%
+        assert snap["io"]["packed"] is False and snap["io"]["lookahead"] is False
         workers = [w["pid"] for w in snap["workers"]]
     finally:
         moed(env, "stop")
