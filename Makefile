@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml
 # The main job: a synthetic model, the daemon, a streamed answer, stats, stop.
 demo: venv
 	$(BIN)/moed make-model $(DEMO_MODEL) --arch qwen3_5_moe --preset tiny --skip-existing
+	$(BIN)/moed pack $(DEMO_MODEL)
+	$(BIN)/moed plan --model $(DEMO_MODEL) --cache-fraction 0.25 --context 4096 --no-measure
 	$(BIN)/moed generate --model $(DEMO_MODEL) --prompt "The paged expert cache" --max-tokens 48 --cache-fraction 0.25
 	MOED_RUNTIME_DIR=$(CURDIR)/.moed-run $(BIN)/moed start --model $(DEMO_MODEL) --cache-fraction 0.25
 	MOED_RUNTIME_DIR=$(CURDIR)/.moed-run $(BIN)/moed run "Once upon a time" --max-tokens 48 -v || \
