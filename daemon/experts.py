@@ -126,10 +126,14 @@ class ExpertStore:
             self.stats.prefetched += len(filled)
 
     def settle(self) -> None:
-        """Copy a lookahead read into its slots (before any other read or compute)."""
+        """Copy a lookahead read into its slots (before any other read or compute). A failed one
+        is dropped: it was a guess, and the layer's own read reports a real failure."""
         if self.ahead is not None:
             p, self.ahead = self.ahead, None
-            self.finish(p)
+            try:
+                self.finish(p)
+            except Exception:  # finish() has freed the slots
+                self.stats.prefetched -= len(p.filled)
 
     def _submit(self, layer: int, filled: list[tuple[int, int]]) -> Pending:
         ranges = [r for e, _ in filled for r in self.layers[layer].ranges(e)]
