@@ -60,12 +60,13 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from moed.daemon.plan import forecast, largest_fraction, make_plan, mb, measure_profile
+    from moed.daemon.plan import forecast, largest_fraction, make_plan, mb, measure_profile, read_checkpoint
 
-    plan_for = partial(make_plan, a.model, context=a.context, ram_gb=a.ram, workers=a.workers, dtype=a.dtype,
+    ck = read_checkpoint(a.model)
+    plan_for = partial(make_plan, ck, context=a.context, ram_gb=a.ram, workers=a.workers, dtype=a.dtype,
                        top_k=a.top_k)
     plan = plan_for(cache_fraction=a.cache_fraction, cache_gb=a.cache_gb)
-    profile = measure_profile(a.model, dtype=a.dtype) if a.measure else None
+    profile = measure_profile(ck, dtype=a.dtype) if a.measure else None
     fits_at = largest_fraction(lambda f: plan_for(cache_fraction=f), plan.ram_bytes)
     if profile:
         plan.forecast = forecast(plan, profile)

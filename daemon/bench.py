@@ -111,12 +111,13 @@ def measure(spec: dict) -> dict:
 
 def plan_forecast(spec: dict) -> dict:
     """`moed plan`'s profile of this machine and its forecast for each cache size measured."""
-    from moed.daemon.plan import forecast, make_plan, measure_profile
+    from moed.daemon.plan import forecast, make_plan, measure_profile, read_checkpoint
 
-    profile = measure_profile(spec["model"], dtype=spec.get("dtype"))
+    ck = read_checkpoint(spec["model"])
+    profile = measure_profile(ck, dtype=spec.get("dtype"))
     return {"engine": "plan", "profile": profile, "forecasts": {
-        str(f): forecast(make_plan(spec["model"], cache_fraction=f, workers=spec["workers"], dtype=spec.get("dtype")),
-                         profile) for f in spec["fractions"]}}
+        str(f): forecast(make_plan(ck, cache_fraction=f, workers=spec["workers"], dtype=spec.get("dtype")), profile)
+        for f in spec["fractions"]}}
 
 
 def io_probe(spec: dict) -> dict:
@@ -132,11 +133,13 @@ def io_probe(spec: dict) -> dict:
                          spec["workers"])
     save_trace(trace, spec["trace_out"])
     out = {"engine": "io", "trace": spec["trace_out"], "visits": len(trace["steps"]), "layouts": {}}
+    indexes = {}
     for layout in ("stacked", "packed"):
         table, layers, config = expert_index(spec["model"], packed=layout == "packed")
         if layout == "packed" and not table.packed:
             continue
         files = [str(f) for f in table.files]
+        indexes[layout] = files, layers, config
         per = out["layouts"][layout] = {}
         for fraction in spec["fractions"]:
             visits = miss_ranges(trace, layers, fraction, top_k_of(config))
@@ -155,21 +158,20 @@ def io_probe(spec: dict) -> dict:
                 "raw_threads": RAW_THREADS, "cache_state": [raw_state, path_state]}
     out["per_fraction"] = out["layouts"].get("packed") or out["layouts"]["stacked"]  # what the engine reads
     # queue depth per worker, on the layout the engine reads, at the first cache size
-    layout = "packed" if "packed" in out["layouts"] else "stacked"
-    table, layers, config = expert_index(spec["model"], packed=layout == "packed")
+    layout = "packed" if "packed" in indexes else "stacked"
+    files, layers, config = indexes[layout]
     visits = miss_ranges(trace, layers, spec["fractions"][0], top_k_of(config))
     nbytes = sum(n for v in visits for _, _, n in v)
     out["queue_depth"] = {"layout": layout, "cache_fraction": spec["fractions"][0], "bytes": nbytes,
                           "raw_gbps": out["layouts"][layout][str(spec["fractions"][0])]["raw_gbps"], "io_path_gbps": {}}
     for depth in (1, 2, 4, 8):
         drop_page_cache()
-        out["queue_depth"]["io_path_gbps"][str(depth)] = nbytes / path_read(
-            [str(f) for f in table.files], visits, spec["workers"], depth) / 1e9
+        out["queue_depth"]["io_path_gbps"][str(depth)] = nbytes / path_read(files, visits, spec["workers"], depth) / 1e9
     # buffered vs direct (O_DIRECT / F_NOCACHE): speed, and the workers' CPU (the cores compute needs)
     out["direct"] = {"layout": layout, "cache_fraction": spec["fractions"][0], "bytes": nbytes}
     for mode in ("buffered", "direct"):
         state = drop_page_cache()
-        wall, cpu = path_read_cpu([str(f) for f in table.files], visits, spec["workers"], direct=mode == "direct")
+        wall, cpu = path_read_cpu(files, visits, spec["workers"], direct=mode == "direct")
         out["direct"][mode] = {"io_path_gbps": nbytes / wall / 1e9, "worker_cpu_s_per_gb": cpu / (nbytes / 1e9),
                                "cache_state": state}
     return out

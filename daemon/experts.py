@@ -20,13 +20,12 @@ import mlx.nn as nn
 import numpy as np
 
 from moed.daemon.cache import CacheStats, LayerSlots
-from moed.workers.index import ExpertLayer, ExpertTensor
+from moed.workers.index import FLOATS, ExpertLayer, ExpertTensor
 
 MX_DTYPES = {
     "F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32,
     "U8": mx.uint8, "I8": mx.int8, "U16": mx.uint16, "I32": mx.int32,
 }
-FLOATS = {"F32", "F16", "BF16"}
 HEAT_DECAY = 0.95
 
 

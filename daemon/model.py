@@ -20,11 +20,11 @@ from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 from mlx_lm.utils import load_model, load_tokenizer
 
-from moed.daemon.experts import FLOATS, ExpertStore, PagedSwitch
+from moed.daemon.experts import ExpertStore, PagedSwitch
 from moed.daemon.fetcher import Fetcher
 from moed.daemon.plan import check_fits
 from moed.ipc.connection import daemon_files
-from moed.workers.index import DTYPE_BYTES, CheckpointError, ExpertLayer, TensorTable
+from moed.workers.index import DTYPE_BYTES, FLOATS, CheckpointError, ExpertLayer, TensorTable
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 MLX_CACHE_LIMIT = 256 << 20  # bytes of freed buffers MLX may keep for reuse
@@ -275,8 +275,10 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
     n_slots = slots_per_layer(layers, top_k, cast, cache_fraction, cache_gb)
     staging = max(n * layer.expert_nbytes for n, layer in zip(n_slots, layers))
     expert_params = tuple(p + "." for p, _ in switches)
-    check_fits(sum(v.nbytes for k, v in tree_flatten(net.parameters()) if not k.startswith(expert_params)),
-               sum(n * cached_expert_nbytes(layer, cast) for n, layer in zip(n_slots, layers)), staging, workers)
+    resident = [v for k, v in tree_flatten(net.parameters()) if not k.startswith(expert_params)]
+    non_expert = sum(v.nbytes for v in resident)  # lazy: shapes only, nothing read yet
+    check_fits(non_expert, sum(n * cached_expert_nbytes(layer, cast) for n, layer in zip(n_slots, layers)),
+               staging, workers)
     report("starting I/O workers", 0.1)
     fetcher = Fetcher([str(f) for f in table.files], workers=workers, staging_bytes=staging,
                       runtime_dir=daemon_files().dir, direct=direct).start()
@@ -293,8 +295,6 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
         if lookahead:
             for here, (p, _) in zip(paged, switches[1:]):
                 here.set_lookahead(parent_of(net, p).gate, top_k)
-        resident = [v for k, v in tree_flatten(net.parameters()) if ".inner." not in k]
-        non_expert = sum(v.nbytes for v in resident)
         done = 0
         for v in resident:  # reads the non-expert weights only
             mx.eval(v)

@@ -23,11 +23,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from moed.workers.index import DTYPE_BYTES
+from moed.workers.index import DTYPE_BYTES, FLOATS, ExpertLayer, TensorTable
 
 RUNTIME_BYTES = 300 << 20  # Python + MLX + MLX's buffer cache cap, measured 160-260 MB over weights + cache
 WORKER_BYTES = 40 << 20  # RSS of one I/O worker process
-FLOATS = ("F32", "F16", "BF16")
 
 
 class DoesNotFit(ValueError):
@@ -97,31 +96,48 @@ def check_fits(non_expert: int, cache: int, staging: int, workers: int) -> None:
             f"{mb(available)} is available; use a smaller --cache-fraction/--cache-gb (see `moed plan`)")
 
 
-def _kv_bytes(net, config: dict, context: int, act_bytes: int) -> int:
-    """KV cache bytes at `context` tokens: attention layers x 2 x kv heads x head dim."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a checkpoint's headers and config say; read once, planned for many configurations."""
+
+    path: Path
+    config: dict
+    table: TensorTable
+    layers: list[ExpertLayer]
+    attn_layers: int  # layers with a KV cache (others keep a fixed-size state)
+
+
+def read_checkpoint(model: str | Path) -> Checkpoint:
+    """Headers only: mlx-lm builds the model lazily, no weight is read."""
     from mlx_lm.models.cache import KVCache, make_prompt_cache
-
-    cfg = config.get("text_config", config)
-    heads = cfg.get("num_attention_heads", 1)
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    attn_layers = sum(isinstance(c, KVCache) for c in make_prompt_cache(net))
-    return attn_layers * 2 * kv_heads * head_dim * context * act_bytes
-
-
-def make_plan(model: str | Path, *, cache_fraction: float | None = None, cache_gb: float | None = None,
-              context: int | None = None, ram_gb: float | None = None, workers: int = 2,
-              dtype: str | None = None, top_k: int | None = None) -> Plan:
-    """Headers only: the memory a configuration needs (no weight is read)."""
     from mlx_lm.utils import load_model
 
-    from moed.daemon.core import context_length
-    from moed.daemon.model import (DTYPES, cached_expert_nbytes, find_switches, index_experts, resolve_model,
-                                   slots_per_layer, top_k_of)
+    from moed.daemon.model import find_switches, index_experts, resolve_model
 
     path = resolve_model(model)
     net, config = load_model(path, lazy=True)
     table, layers = index_experts(path, find_switches(net))
+    return Checkpoint(path, config, table, layers, sum(isinstance(c, KVCache) for c in make_prompt_cache(net)))
+
+
+def _kv_bytes(ck: Checkpoint, context: int, act_bytes: int) -> int:
+    """KV cache bytes at `context` tokens: attention layers x 2 x kv heads x head dim."""
+    cfg = ck.config.get("text_config", ck.config)
+    heads = cfg.get("num_attention_heads", 1)
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return ck.attn_layers * 2 * kv_heads * head_dim * context * act_bytes
+
+
+def make_plan(model: str | Path | Checkpoint, *, cache_fraction: float | None = None, cache_gb: float | None = None,
+              context: int | None = None, ram_gb: float | None = None, workers: int = 2,
+              dtype: str | None = None, top_k: int | None = None) -> Plan:
+    """The memory a configuration needs, from the headers only (pass a Checkpoint to read them once)."""
+    from moed.daemon.core import context_length
+    from moed.daemon.model import DTYPES, cached_expert_nbytes, slots_per_layer, top_k_of
+
+    ck = model if isinstance(model, Checkpoint) else read_checkpoint(model)
+    path, config, table, layers = ck.path, ck.config, ck.table, ck.layers
     cast = DTYPES[dtype] if dtype else None
     k = top_k or top_k_of(config)
     slots = slots_per_layer(layers, k, cast, cache_fraction, cache_gb)
@@ -143,7 +159,7 @@ def make_plan(model: str | Path, *, cache_fraction: float | None = None, cache_g
                 expert_bytes=sum(layer.expert_nbytes * layer.num_experts for layer in layers),
                 cache_bytes=sum(n * p for n, p in zip(slots, per)),
                 staging_bytes=max(n * layer.expert_nbytes for n, layer in zip(slots, layers)),
-                kv_bytes=_kv_bytes(net, config, context, float_bytes), context=context,
+                kv_bytes=_kv_bytes(ck, context, float_bytes), context=context,
                 rest_bytes=RUNTIME_BYTES + workers * WORKER_BYTES,
                 ram_bytes=int(ram_gb * 1e9) if ram_gb else available_bytes())
 
@@ -151,21 +167,20 @@ def make_plan(model: str | Path, *, cache_fraction: float | None = None, cache_g
 # ---------------------------------------------------------------- this machine's profile
 
 
-def measure_profile(model: str | Path, read_mb: int = 256, dtype: str | None = None, cold: bool = True) -> dict:
+def measure_profile(model: str | Path | Checkpoint, read_mb: int = 256, dtype: str | None = None,
+                    cold: bool = True) -> dict:
     """Seconds for one token's experts of one layer, and parallel read GB/s of expert ranges
     (`cold`: from an emptied page cache, where the OS lets us)."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm.models.switch_layers import SwitchGLU
-    from mlx_lm.utils import load_model
 
     from moed.daemon.bench import drop_page_cache
     from moed.daemon.iobench import coalesce, raw_read
-    from moed.daemon.model import DTYPES, find_switches, index_experts, resolve_model, top_k_of
+    from moed.daemon.model import DTYPES, top_k_of
 
-    path = resolve_model(model)
-    net, config = load_model(path, lazy=True)
-    table, layers = index_experts(path, find_switches(net))
+    ck = model if isinstance(model, Checkpoint) else read_checkpoint(model)
+    config, table, layers = ck.config, ck.table, ck.layers
     cfg = config.get("text_config", config)
     k = top_k_of(config)
     hidden = cfg["hidden_size"]

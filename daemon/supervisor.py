@@ -248,7 +248,7 @@ class Supervisor:
                           "experts_per_layer": pm.info["experts_per_layer"],
                           "used_slots": [s.used for s in pm.store.slots],
                           **st.as_dict()},
-                "workers": pm.fetcher.worker_states(),
+                "workers": snap_workers,
                 "io": {"read_calls": pm.fetcher.stats.read_calls, "reads": pm.fetcher.stats.reads,
                        "bytes_read": pm.fetcher.stats.bytes_read, "read_seconds": pm.fetcher.stats.read_seconds,
                        "respawns": pm.fetcher.stats.respawns, "packed": pm.info["packed"],

@@ -22,6 +22,7 @@ DTYPE_BYTES = {
     "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
     "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
 }
+FLOATS = {"F32", "F16", "BF16"}  # the floating dtypes (what --dtype casts)
 MAX_HEADER_BYTES = 100 << 20
 PACK_DIR, PACK_INDEX = "moed-pack", "index.json"
 PAGE = 4096  # packed records start on page boundaries (O_DIRECT's alignment too)
