@@ -13,15 +13,18 @@ import sys
 from moed.client import launch
 
 
-def _cache_args(p: argparse.ArgumentParser) -> None:
+def _cache_args(p: argparse.ArgumentParser, reading: bool = True) -> None:
+    """The cache's size (and, with `reading`, how experts are read: not for `plan`)."""
     g = p.add_mutually_exclusive_group()
     g.add_argument("--cache-fraction", type=float, help="share of each layer's experts kept in RAM (0-1]")
     g.add_argument("--cache-gb", type=float, help="expert cache budget in GB")
     p.add_argument("--workers", type=int, default=2, help="I/O worker processes (default 2)")
     p.add_argument("--dtype", choices=["float32"], help="cast bf16/fp16 weights and scales to float32")
+    p.add_argument("--top-k", type=int, help="route each token to K experts instead of the model's top-k")
+    if not reading:
+        return
     p.add_argument("--no-warm", dest="warm", action="store_false",
                    help="start with an empty expert cache (default: fill it at load)")
-    p.add_argument("--top-k", type=int, help="route each token to K experts instead of the model's top-k")
     p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None,
                    help="read the next layer's predicted experts while this layer computes "
                         "(default: when the cache holds at most 20%% of each layer's experts)")
@@ -309,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--no-measure", dest="measure", action="store_false",
                     help="no forecast (skip measuring this machine's compute and disk)")
     pl.add_argument("--json", action="store_true")
-    _cache_args(pl)
+    _cache_args(pl, reading=False)
     pl.set_defaults(fn=cmd_plan)
 
     pk = sub.add_parser("pack", help="repack the experts into page-aligned records (one read per expert)")
