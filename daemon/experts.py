@@ -252,50 +252,59 @@ class PagedSwitch(nn.Module):
             return self.inner(x, slots.device_lut[indices])
         predicted = self._predict(x, indices)
         idx = np.array(indices)  # the one host sync of this layer: the router's choice
+        at = slots.lut[idx]  # each pair's slot; -1 where its expert is not resident
+        resident = at >= 0
+        if resident.all():  # compute first: the bookkeeping runs while MLX does
+            y = self.inner(x, mx.array(at))
+            mx.async_eval(y)
+            self._account(idx)
+            self._read_ahead(predicted)
+            return y
         experts = np.unique(idx)
-        if self.store.trace is not None and idx.shape[-2] == 1:  # decode steps only
-            self.store.trace.append((self.layer, experts.tolist()))
         groups = slots.groups(experts)
         if len(groups) > 1:
+            self._record(idx, experts)
             return self._by_group(x, idx, groups)
-        pending = self.store.begin(self.layer, experts)
-        if pending is None:
-            y = self.inner(x, mx.array(slots.lut[idx]))
-            self._read_ahead(predicted)
-            return y
-        return self._overlapped(x, idx, pending, predicted)
+        return self._overlapped(x, idx, at.reshape(-1), resident.reshape(-1), experts, predicted)
 
-    def _rows(self, xf: mx.array, flat: np.ndarray, rows: np.ndarray, k: int) -> mx.array:
-        """The expert outputs of the (token, choice) pairs `rows` of the flattened indices."""
-        lut = self.store.slots[self.layer].lut
-        return self.inner(xf[mx.array(rows // k)], mx.array(lut[flat[rows]])[:, None])[:, 0]
+    def _record(self, idx: np.ndarray, experts: np.ndarray) -> None:
+        if self.store.trace is not None and idx.shape[-2] == 1:  # decode steps only
+            self.store.trace.append((self.layer, experts.tolist()))
 
-    def _overlapped(self, x: mx.array, idx: np.ndarray, pending, predicted: mx.array | None = None) -> mx.array:
-        """Compute the pairs whose experts are resident while the missed ones are read; then
-        start the next layer's lookahead read, which runs while the misses compute."""
+    def _account(self, idx: np.ndarray) -> None:
+        """A step whose experts were all resident: hits, recency and heat only."""
+        experts = np.unique(idx)
+        self._record(idx, experts)
+        self.store.begin(self.layer, experts)
+
+    def _rows(self, xf: mx.array, at: np.ndarray, rows: np.ndarray, k: int) -> mx.array:
+        """The expert outputs of the (token, choice) pairs `rows` of the flattened pairs, whose
+        experts sit in slots `at`."""
+        return self.inner(xf[mx.array(rows // k)], mx.array(at[rows])[:, None])[:, 0]
+
+    def _overlapped(self, x: mx.array, idx: np.ndarray, at: np.ndarray, resident: np.ndarray,
+                    experts: np.ndarray, predicted: mx.array | None) -> mx.array:
+        """Start computing the resident pairs, then read the missed experts meanwhile; then the
+        next layer's lookahead read, which runs while the misses compute."""
         k, flat = idx.shape[-1], idx.reshape(-1)
         xf = x.reshape(-1, x.shape[-1])
-        missed = np.zeros(len(self.store.slots[self.layer].lut), dtype=bool)
-        missed[[e for e, _ in pending.filled]] = True
-        miss_rows = np.nonzero(missed[flat])[0]
-        hit_rows = np.nonzero(~missed[flat])[0]
-        if len(hit_rows) == 0:
-            self.store.finish(pending)
-            y = self.inner(x, mx.array(self.store.slots[self.layer].lut[idx]))
-            if predicted is not None:
-                mx.async_eval(y)
-                self._read_ahead(predicted)
-            return y
-        y_hit = self._rows(xf, flat, hit_rows, k)
-        mx.async_eval(y_hit)  # runs while the workers read the misses
-        self.store.finish(pending)
-        y_miss = self._rows(xf, flat, miss_rows, k)
+        hit_rows, miss_rows = np.flatnonzero(resident), np.flatnonzero(~resident)
+        y_hit = None
+        if len(hit_rows):
+            y_hit = self._rows(xf, at, hit_rows, k)
+            mx.async_eval(y_hit)  # runs while the workers read the misses
+        self._record(idx, experts)
+        self.store.finish(self.store.begin(self.layer, experts))  # hits keep their slots
+        lut = self.store.slots[self.layer].lut
+        if y_hit is None:
+            y = self.inner(x, mx.array(lut[idx]))
+        else:
+            y = mx.concatenate([y_hit, self._rows(xf, lut[flat], miss_rows, k)])
+            y = y[mx.array(np.argsort(np.concatenate([hit_rows, miss_rows])))].reshape(*idx.shape, -1)
         if predicted is not None:
-            mx.async_eval(y_miss)
+            mx.async_eval(y)
             self._read_ahead(predicted)
-        y = mx.concatenate([y_hit, y_miss])
-        y = y[mx.array(np.argsort(np.concatenate([hit_rows, miss_rows])))]
-        return y.reshape(*idx.shape, y.shape[-1])
+        return y
 
     def _by_group(self, x: mx.array, idx: np.ndarray, groups: list[np.ndarray]) -> mx.array:
         """More experts than slots (a long prompt on a small cache): one group at a time.
@@ -306,9 +315,9 @@ class PagedSwitch(nn.Module):
         xf = x.reshape(-1, x.shape[-1])
         pieces, order = [], []
         for group in groups:
-            self.store.ensure(self.layer, group)
+            lut = self.store.ensure(self.layer, group)
             sel = np.nonzero(np.isin(flat, group))[0]
-            y = self._rows(xf, flat, sel, k)
+            y = self._rows(xf, lut[flat], sel, k)
             mx.eval(y)  # the next group overwrites these slots
             pieces.append(y)
             order.append(sel)
