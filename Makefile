@@ -48,11 +48,11 @@ bench: venv
 	$(BIN)/moed pack $(MED)
 	$(BIN)/moed bench --model $(MED) --out $(R)/med-paged.json --cold --sampling random,greedy
 	$(BIN)/moed bench --model $(MED) --out $(R)/med-pack.json --cold --cache-fractions 0.25,0.1 \
-		--layouts stacked,packed --io buffered,direct
+		--layouts stacked,packed --io buffered,direct --skip-io
 	$(BIN)/moed bench --model $(MED) --out $(R)/med-lookahead.json --cold --cache-fractions 0.5,0.25,0.1 \
-		--sampling random,greedy --lookahead off,on
+		--sampling random,greedy --lookahead off,on --skip-io
 	$(BIN)/moed bench --model $(MED) --out $(R)/med-prefill.json --cold --cache-fractions 0.25 \
-		--prompt-tokens 512 --max-tokens 8 --sampling greedy
+		--prompt-tokens 512 --max-tokens 8 --sampling greedy --skip-io
 	$(BIN)/moed bench --model $(MED) --out $(R)/med-ranks.json --cold --ranks 1,2 --cache-fractions 0.25 \
 		--sampling random,greedy
 	$(BIN)/moed bench --model $(MED) --out $(R)/med-concurrency.json --cold --concurrency 1,2,4 \

@@ -120,11 +120,40 @@ def plan_forecast(spec: dict) -> dict:
         for f in spec["fractions"]}}
 
 
+IO_REPS = 3  # raw and fetch path alternate this many times; the medians are reported (the disk is noisy)
+
+
+def io_compare(files: list[str], visits: list[list], workers: int, direct: bool, reps: int) -> dict:
+    """Raw parallel reads vs the fetch path (1 and 2 visits in flight) on the same misses, each from
+    a cold page cache, alternating `reps` times; medians and every repetition."""
+    from statistics import median
+
+    from moed.daemon.iobench import coalesce, path_read, raw_read
+
+    nbytes = sum(n for v in visits for _, _, n in v)
+    reads = [r for v in visits for r in coalesce(v)]
+    raw, path = [], {"1": [], "2": []}
+    for _ in range(reps):
+        drop_page_cache()
+        raw.append(raw_read(files, reads, direct=direct))
+        for n in path:
+            state = drop_page_cache()
+            path[n].append(path_read(files, visits, workers, direct=direct, in_flight=int(n)))
+
+    def gbps(seconds: float) -> float:
+        return nbytes / seconds / 1e9
+
+    return {"raw_gbps": gbps(median(raw)), "io_path_gbps": {n: gbps(median(t)) for n, t in path.items()},
+            "io_path_fraction_of_raw": {n: median(r / p for r, p in zip(raw, t)) for n, t in path.items()},
+            "raw_seconds": raw, "io_path_seconds": path, "cache_state": state}
+
+
 def io_probe(spec: dict) -> dict:
-    """Record a routing trace, then raw parallel reads vs the fetch path on its misses, cold; for
-    the stacked safetensors layout and, when `moed pack` made one, the packed one."""
+    """Record a routing trace, then raw parallel reads vs the fetch path on its misses, cold: for
+    the stacked safetensors layout (buffered) and, when `moed pack` made one, the packed one
+    (buffered, and direct: every byte from the disk)."""
     from moed.daemon.generate import SamplingParams
-    from moed.daemon.iobench import RAW_THREADS, coalesce, miss_ranges, path_read, path_read_cpu, raw_read
+    from moed.daemon.iobench import RAW_THREADS, coalesce, miss_ranges, path_read, path_read_cpu
     from moed.daemon.model import expert_index, top_k_of
     from moed.daemon.trace import record_trace, save_trace
 
@@ -132,7 +161,8 @@ def io_probe(spec: dict) -> dict:
                                                                      seed=spec["seed"], ignore_eos=True),
                          spec["workers"])
     save_trace(trace, spec["trace_out"])
-    out = {"engine": "io", "trace": spec["trace_out"], "visits": len(trace["steps"]), "layouts": {}}
+    out = {"engine": "io", "trace": spec["trace_out"], "visits": len(trace["steps"]), "raw_threads": RAW_THREADS,
+           "reps": IO_REPS, "layouts": {}}
     indexes = {}
     for layout in ("stacked", "packed"):
         table, layers, config = expert_index(spec["model"], packed=layout == "packed")
@@ -143,19 +173,14 @@ def io_probe(spec: dict) -> dict:
         per = out["layouts"][layout] = {}
         for fraction in spec["fractions"]:
             visits = miss_ranges(trace, layers, fraction, top_k_of(config))
-            nbytes = sum(n for v in visits for _, _, n in v)
-            reads = [r for v in visits for r in coalesce(v)]
-            raw_state = drop_page_cache()
-            raw_s = raw_read(files, reads)
-            path_state = drop_page_cache()
-            path_s = path_read(files, visits, spec["workers"])
             experts = sum(len(v) for v in visits) // len(layers[0].tensors)
-            per[str(fraction)] = {
-                "bytes": nbytes, "visits_with_misses": len(visits), "experts_read": experts,
-                "reads": len(reads), "reads_per_expert": len(reads) / max(1, experts),
-                "raw_gbps": nbytes / raw_s / 1e9, "io_path_gbps": nbytes / path_s / 1e9,
-                "io_path_fraction_of_raw": raw_s / path_s,
-                "raw_threads": RAW_THREADS, "cache_state": [raw_state, path_state]}
+            reads = sum(len(coalesce(v)) for v in visits)
+            r = per[str(fraction)] = {
+                "bytes": sum(n for v in visits for _, _, n in v), "visits_with_misses": len(visits),
+                "experts_read": experts, "reads": reads, "reads_per_expert": reads / max(1, experts)}
+            for mode in ("buffered", "direct") if layout == "packed" else ("buffered",):
+                r[mode] = io_compare(files, visits, spec["workers"], mode == "direct",
+                                     IO_REPS if layout == "packed" else 1)
     out["per_fraction"] = out["layouts"].get("packed") or out["layouts"]["stacked"]  # what the engine reads
     # queue depth per worker, on the layout the engine reads, at the first cache size
     layout = "packed" if "packed" in indexes else "stacked"
@@ -163,7 +188,7 @@ def io_probe(spec: dict) -> dict:
     visits = miss_ranges(trace, layers, spec["fractions"][0], top_k_of(config))
     nbytes = sum(n for v in visits for _, _, n in v)
     out["queue_depth"] = {"layout": layout, "cache_fraction": spec["fractions"][0], "bytes": nbytes,
-                          "raw_gbps": out["layouts"][layout][str(spec["fractions"][0])]["raw_gbps"], "io_path_gbps": {}}
+                          "io_path_gbps": {}}
     for depth in (1, 2, 4, 8):
         drop_page_cache()
         out["queue_depth"]["io_path_gbps"][str(depth)] = nbytes / path_read(files, visits, spec["workers"], depth) / 1e9
@@ -505,7 +530,7 @@ def main(a) -> int:
         extra.append(run_one({**base, "engine": "lookahead", "cache_fraction": None, "sampling": "random"}, cold=False))
         console.print("recall of the lookahead {recall_lookahead:.1%}, of the previous token's experts "
                       "{recall_previous_token:.1%}, chance {chance:.1%}".format(**extra[-1]))
-    partial = [f for f in fractions if f < 1]
+    partial = [f for f in fractions if f < 1 and not a.skip_io]
     io = None
     if partial:
         console.print("[bold]I/O path alone vs raw parallel reads[/] ...")
@@ -536,9 +561,14 @@ def main(a) -> int:
     if io:
         for layout, per in io["layouts"].items():
             for f, r in per.items():
-                console.print(f"I/O ({layout}) at cache {f}: raw {r['raw_gbps']:.2f} GB/s, fetch path "
-                              f"{r['io_path_gbps']:.2f} GB/s = {r['io_path_fraction_of_raw']:.0%} of raw "
-                              f"({r['bytes'] / 1e6:.0f} MB, {r['reads_per_expert']:.1f} reads per expert)")
+                for mode in ("buffered", "direct"):
+                    if mode in r:
+                        m = r[mode]
+                        console.print(
+                            f"I/O ({layout}, {mode}) at cache {f}: raw {m['raw_gbps']:.2f} GB/s, fetch path "
+                            + ", ".join(f"{n} in flight {m['io_path_gbps'][n]:.2f} GB/s = "
+                                        f"{m['io_path_fraction_of_raw'][n]:.0%}" for n in ("1", "2"))
+                            + f" of raw ({r['bytes'] / 1e6:.0f} MB, {r['reads_per_expert']:.1f} reads per expert)")
         qd = io["queue_depth"]
         console.print(f"fetch path by reads in flight per worker ({qd['layout']}, cache {qd['cache_fraction']}): "
                       + ", ".join(f"{d}: {g:.2f} GB/s" for d, g in qd["io_path_gbps"].items()))

@@ -5,8 +5,8 @@ replaced by a preallocated pool of shape (n_slots, ...). The original mlx-lm mod
 the math (`gather_qmm` and friends); it just receives slot indices instead of expert indices.
 Missed experts are read by the I/O workers into shared memory and copied into their slots.
 With lookahead, a decode step's layer also applies the next MoE layer's router to its own input
-and starts reading that layer's predicted misses as soon as its own are in (one read in flight at
-a time: the staging buffer is shared).
+and starts reading that layer's predicted misses right behind its own (the fetcher keeps both in
+flight); the next layer settles that read before anything else.
 """
 
 from __future__ import annotations
@@ -284,8 +284,8 @@ class PagedSwitch(nn.Module):
 
     def _overlapped(self, x: mx.array, idx: np.ndarray, at: np.ndarray, resident: np.ndarray,
                     experts: np.ndarray, predicted: mx.array | None) -> mx.array:
-        """Start computing the resident pairs, then read the missed experts meanwhile; then the
-        next layer's lookahead read, which runs while the misses compute."""
+        """Start computing the resident pairs, then read the missed experts meanwhile, with the
+        next layer's lookahead read right behind (it runs while the misses compute)."""
         k, flat = idx.shape[-1], idx.reshape(-1)
         xf = x.reshape(-1, x.shape[-1])
         hit_rows, miss_rows = np.flatnonzero(resident), np.flatnonzero(~resident)
@@ -294,16 +294,16 @@ class PagedSwitch(nn.Module):
             y_hit = self._rows(xf, at, hit_rows, k)
             mx.async_eval(y_hit)  # runs while the workers read the misses
         self._record(idx, experts)
-        self.store.finish(self.store.begin(self.layer, experts))  # hits keep their slots
+        pending = self.store.begin(self.layer, experts)  # hits keep their slots
+        self._read_ahead(predicted)  # queued behind this layer's own read
+        self.store.finish(pending)
         lut = self.store.slots[self.layer].lut
         if y_hit is None:
             y = self.inner(x, mx.array(lut[idx]))
         else:
             y = mx.concatenate([y_hit, self._rows(xf, lut[flat], miss_rows, k)])
             y = y[mx.array(np.argsort(np.concatenate([hit_rows, miss_rows])))].reshape(*idx.shape, -1)
-        if predicted is not None:
-            mx.async_eval(y)
-            self._read_ahead(predicted)
+        mx.async_eval(y)  # computes while the next layer's graph is built
         return y
 
     def _by_group(self, x: mx.array, idx: np.ndarray, groups: list[np.ndarray]) -> mx.array:

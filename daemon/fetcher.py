@@ -6,6 +6,9 @@
 read() lays the ranges out back to back (64-byte aligned) in one staging segment, splits the bytes
 evenly across the workers (one Read message per worker, ranges cut at page boundaries), waits for
 every ReadDone and returns views into the segment. Small reads go whole to one worker.
+submit() + wait() split the two halves: up to MAX_UNWAITED submissions may be in flight at once
+(the engine's own misses and its lookahead read), each in its own part of the segment (a ring);
+every worker handles its Reads in order.
 
 Liveness, as in the ZeroMQ guide's Paranoid Pirate: any message from a worker resets its clock;
 a worker with a Read outstanding that stays silent for `liveness` heartbeat intervals is killed.
@@ -45,6 +48,7 @@ MIN_SPLIT = 512 << 10  # default: reads smaller than this go whole to one worker
 GROW_STEP = 1 << 20
 DEATH_CHECK_S = 0.05  # how often a waiting read() looks for exited workers (Popen.poll)
 MAX_RESTARTS = 3  # per worker slot within one read()
+MAX_UNWAITED = 2  # submissions in flight; one more drops the oldest (its wait() raises)
 SHUTDOWN_GRACE = 2.0  # seconds a worker gets to exit after Shutdown before SIGKILL
 
 Range = tuple[int, int, int]  # (file_idx, file_offset, length)
@@ -66,14 +70,20 @@ class ReadError(FetchError):
         self.errors = errors
 
 
-@dataclass
+@dataclass(eq=False)
 class Ticket:
     """A submitted read (see Fetcher.submit)."""
 
     ranges: list
-    offsets: list[int]
+    offsets: list[int]  # in `buf`, the segment it was laid out in
     items: list
     t0: float
+    buf: memoryview | None = None  # a view of `segment` (valid after a grow replaced it)
+    segment: object = None
+    span: tuple[int, int] = (0, 0)  # the staging bytes it occupies
+    req_ids: set[int] = field(default_factory=set)  # its Reads still outstanding
+    done: list = field(default_factory=list)  # (worker slot, ReadDone)
+    dropped: bool = False
 
 
 @dataclass
@@ -94,7 +104,7 @@ class _Worker:
     started: float
     identity: bytes | None = None  # ZeroMQ routing id, known once Ready arrives
     last_seen: float = 0.0
-    pending: Read | None = None
+    pending: list[Read] = field(default_factory=list)  # sent, not answered, oldest first
     sent_at: float = 0.0
     restarts: int = 0
 
@@ -175,7 +185,8 @@ class Fetcher:
         self._closed = False
         self._req_ids = itertools.count(1)
         self._by_identity: dict[bytes, _Worker] = {}
-        self._done: list[tuple[int, ReadDone]] = []
+        self._tickets: list[Ticket] = []  # submitted, not yet waited, oldest first
+        self._owner: dict[int, Ticket] = {}  # req_id -> ticket, for Reads in flight
         self._next_check = 0.0  # monotonic time of the next exited-worker check
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -222,7 +233,7 @@ class Fetcher:
     def worker_states(self) -> list[dict]:
         """Per worker: pid, alive, queued bytes (its outstanding Read), restarts (for status)."""
         return [{"pid": w.proc.pid, "alive": w.proc.poll() is None, "ready": w.identity is not None,
-                 "queued_bytes": sum(it[2] for it in w.pending.items) if w.pending else 0,
+                 "queued_bytes": sum(it[2] for r in w.pending for it in r.items),
                  "restarts": w.restarts} for w in list(self._workers)]
 
     @property
@@ -247,38 +258,53 @@ class Fetcher:
 
     def read(self, ranges: list[Range]) -> list[memoryview]:
         """Read (file_idx, offset, length) ranges; returns views into the staging segment in the
-        same order, valid until the next read(). Raises ReadError, WorkerError."""
+        same order, valid until the next read() or submit(). Raises ReadError, WorkerError."""
         return self.wait(self.submit(ranges))
 
     def submit(self, ranges: list[Range]) -> "Ticket":
-        """Start reading `ranges` and return at once; `wait(ticket)` gives the views. One
-        submission at a time: the next submit() or read() waits for this one first."""
+        """Start reading `ranges` and return at once; `wait(ticket)` gives the views. Another
+        submission may follow before this one is waited (see MAX_UNWAITED)."""
         t0 = time.perf_counter()
         self._check_open()
         offsets, total = self._layout(ranges)
         items = [(f, off, n, dst) for (f, off, n), dst in zip(ranges, offsets) if n > 0]
+        ticket = Ticket(ranges, offsets, items, t0)
         try:
             for w in self._workers:
                 w.restarts = 0
-            if any(w.pending for w in self._workers):  # an earlier read is still writing
-                self._collect()
-            if total > self._size:
+            if len(self._tickets) >= MAX_UNWAITED:
+                self._drop(self._tickets[0])
+            base = self._place(total)
+            if base is None:  # no room beside the reads in flight: finish them, then grow
+                for t in self._tickets:
+                    self._collect(t)
                 self._grow(total)
+                base = 0
+            ticket.buf, ticket.segment, ticket.span = self._buf[:], self._segment, (base, base + total)
+            ticket.offsets = [base + o for o in offsets]
+            self._tickets.append(ticket)
             if items:
-                self._send_plan(self._assign(items, total))
+                items = [(f, off, n, base + dst) for f, off, n, dst in items]
+                self._send_plan(ticket, self._assign(items, total))
         except WorkerError:
             self.close()
             raise
-        return Ticket(ranges, offsets, items, t0)
+        return ticket
 
     def wait(self, ticket: "Ticket") -> list[memoryview]:
-        """Block until a submitted read is in the staging segment; its views, in order."""
+        """Block until a submitted read is in the staging segment; its views, in order, valid
+        until a later submission reuses their bytes (not before the next submit())."""
+        if ticket.dropped or ticket not in self._tickets:
+            raise FetchError("this read was dropped or already waited for")
         try:
-            done = self._collect() if ticket.items else []
+            self._collect(ticket)
         except WorkerError:
             self.close()
             raise
-        items, ranges, offsets = ticket.items, ticket.ranges, ticket.offsets
+        finally:
+            if ticket in self._tickets:
+                self._tickets.remove(ticket)
+        done, ranges = ticket.done, ticket.ranges
         nbytes = sum(d.nbytes for _, d in done)
         self.stats.read_calls += 1
         self.stats.reads += len(ranges)
@@ -289,10 +315,26 @@ class Fetcher:
         self.stats.read_seconds += time.perf_counter() - ticket.t0
         if errors:
             raise ReadError(errors)
-        if nbytes != sum(n for _, _, n, _ in items):
-            raise ReadError([f"workers read {nbytes} bytes, expected {sum(i[2] for i in items)}"])
-        buf = self._buf
-        return [buf[dst:dst + n] for (_, _, n), dst in zip(ranges, offsets)]
+        if nbytes != sum(i[2] for i in ticket.items):
+            raise ReadError([f"workers read {nbytes} bytes, expected {sum(i[2] for i in ticket.items)}"])
+        buf = ticket.buf
+        return [buf[dst:dst + n] for (_, _, n), dst in zip(ranges, ticket.offsets)]
+
+    def _place(self, total: int) -> int | None:
+        """Where `total` staging bytes fit beside the unwaited submissions: after the newest,
+        else at the start; None if neither is free."""
+        spans = [t.span for t in self._tickets if t.segment is self._segment]
+        for base in ([spans[-1][1]] if spans else []) + [0]:
+            end = base + total
+            if end <= self._size and all(end <= a or base >= b for a, b in spans):
+                return base
+        return None
+
+    def _drop(self, ticket: Ticket) -> None:
+        """Let an unwaited submission land and forget it (its wait() raises)."""
+        self._collect(ticket)
+        ticket.dropped = True
+        self._tickets.remove(ticket)
 
     def _layout(self, ranges: list[Range]) -> tuple[list[int], int]:
         """Staging offsets (ALIGN-aligned, back to back) and the bytes they span."""
@@ -331,22 +373,24 @@ class Fetcher:
                     slot, room = slot + 1, target
         return plan
 
-    def _send_plan(self, plan: list[list]) -> None:
+    def _send_plan(self, ticket: Ticket, plan: list[list]) -> None:
         """Send one Read per worker with work."""
         now = time.monotonic()
         for w, items in zip(list(self._workers), plan):
             if items:
-                w.pending, w.sent_at = Read(next(self._req_ids), items), now
+                read = Read(next(self._req_ids), items)
+                ticket.req_ids.add(read.req_id)
+                self._owner[read.req_id] = ticket
+                w.pending.append(read)
+                w.sent_at = now
                 if w.identity is not None:
-                    self._send(w, w.pending)
+                    self._send(w, read)
 
-    def _collect(self) -> list[tuple[int, ReadDone]]:
-        self._done = []
-        while any(w.pending for w in self._workers):
+    def _collect(self, ticket: Ticket) -> None:
+        """Pump until every Read of `ticket` is answered."""
+        while ticket.req_ids:
             self._pump()
             self._check_liveness()
-        done, self._done = self._done, []
-        return done
 
     def _grow(self, total: int) -> None:
         """Move to a bigger segment: create, Configure the workers, unlink the old one."""
@@ -400,7 +444,7 @@ class Fetcher:
         w.lifeline.close()
         self._by_identity.pop(w.identity, None)
         new = self._spawn(w.slot)
-        new.pending, new.restarts = w.pending, w.restarts + 1
+        new.pending, new.restarts = list(w.pending), w.restarts + 1
         self._res.workers[w.slot] = new
         self.stats.respawns += 1
 
@@ -440,9 +484,11 @@ class Fetcher:
         if w is None:  # from a worker we already replaced
             return
         w.last_seen = now
-        if isinstance(msg, ReadDone) and w.pending is not None and msg.req_id == w.pending.req_id:
-            w.pending = None
-            self._done.append((w.slot, msg))
+        if isinstance(msg, ReadDone) and w.pending and msg.req_id == w.pending[0].req_id:
+            w.pending.pop(0)
+            ticket = self._owner.pop(msg.req_id)
+            ticket.req_ids.discard(msg.req_id)
+            ticket.done.append((w.slot, msg))
 
     def _on_ready(self, identity: bytes, msg: Ready, now: float) -> None:
         if not 0 <= msg.worker_id < len(self._workers):
@@ -455,9 +501,10 @@ class Fetcher:
         w.identity, w.last_seen = identity, now
         self._by_identity[identity] = w
         self._send(w, self._configure())
-        if w.pending is not None:
+        if w.pending:
             w.sent_at = now
-            self._send(w, w.pending)
+            for read in w.pending:
+                self._send(w, read)
 
     def _send(self, w: _Worker, msg) -> None:
         try:
@@ -479,7 +526,7 @@ class Fetcher:
                 self._restart(w, f"exited with code {w.proc.returncode}")
             elif w.identity is None and now - w.started > self.start_timeout:
                 self._restart(w, f"not ready after {self.start_timeout:g}s")
-            elif (w.identity is not None and w.pending is not None
+            elif (w.identity is not None and w.pending
                   and now - max(w.last_seen, w.sent_at) > limit):
                 self._restart(w, f"silent for {limit:g}s")
 

@@ -4,13 +4,21 @@ A routing trace is replayed through the engine's slot tables (LRU, per layer) to
 ranges a cache of that size misses, visit by visit. Then, each from a cold page cache:
 - raw: the same ranges read with `os.pread` from a pool of threads (the device's parallel limit);
 - path: the same ranges, visit by visit, through the Fetcher and its worker processes into shared
-  memory (what the engine pays per layer, without compute or the copy into slots).
+  memory (what the engine pays per layer, without compute or the copy into slots); one visit in
+  flight (a layer waits for its misses), or two (with lookahead the engine reads the next layer's
+  experts behind the current layer's).
+Both buffered (re-reads come from the page cache) and direct (O_DIRECT / F_NOCACHE: every byte
+from the disk, the regime of a model much larger than RAM).
 """
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
+import sys
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -19,6 +27,7 @@ import psutil
 from moed.daemon.cache import LayerSlots
 from moed.daemon.fetcher import Fetcher
 from moed.workers.index import ExpertLayer
+from moed.workers.reader import DIRECT_ALIGN
 
 RAW_THREADS = 8
 
@@ -45,18 +54,33 @@ def coalesce(ranges: list) -> list:
     return out
 
 
-def raw_read(files: list[str], ranges: list, threads: int = RAW_THREADS) -> float:
-    """Seconds to read `ranges` with parallel preads."""
-    fds = [os.open(f, os.O_RDONLY) for f in files]
-    size = max(n for _, _, n in ranges)
-    bufs = [bytearray(size) for _ in range(threads)]
+def raw_read(files: list[str], ranges: list, threads: int = RAW_THREADS, direct: bool = False) -> float:
+    """Seconds to read `ranges` with parallel preads; `direct` bypasses the page cache as the
+    workers do (O_DIRECT with block-aligned envelopes on Linux, F_NOCACHE on macOS)."""
+    aligned = direct and hasattr(os, "O_DIRECT")
+    try:
+        fds = [os.open(f, os.O_RDONLY | (os.O_DIRECT if aligned else 0)) for f in files]
+    except OSError as e:  # EINVAL: no O_DIRECT on this file system (tmpfs); the workers read buffered too
+        if not aligned or e.errno != errno.EINVAL:
+            raise
+        aligned, fds = False, [os.open(f, os.O_RDONLY) for f in files]
+    if direct and sys.platform == "darwin":
+        import fcntl
+
+        for fd in fds:
+            fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", 48), 1)
+    size = max(n for _, _, n in ranges) + 2 * DIRECT_ALIGN
+    bufs = [mmap.mmap(-1, size) for _ in range(threads)]  # page-aligned, as O_DIRECT needs
 
     def read(i_r):
         i, (f, off, n) = i_r
+        if aligned:
+            off, n = off - off % DIRECT_ALIGN, -(-(off % DIRECT_ALIGN + n) // DIRECT_ALIGN) * DIRECT_ALIGN
         view = memoryview(bufs[i % threads])[:n]
         got = 0
-        while got < n:
-            got += os.preadv(fds[f], [view[got:]], off + got)
+        while got < n and (k := os.preadv(fds[f], [view[got:]], off + got)) > 0:
+            got += k
+        view.release()
 
     try:
         t0 = time.perf_counter()
@@ -69,13 +93,13 @@ def raw_read(files: list[str], ranges: list, threads: int = RAW_THREADS) -> floa
 
 
 def path_read(files: list[str], visits: list[list], workers: int, queue_depth: int | None = None,
-              direct: bool = False) -> float:
-    """Seconds to read the visits' ranges through the Fetcher, one read() per visit."""
-    return path_read_cpu(files, visits, workers, queue_depth, direct)[0]
+              direct: bool = False, in_flight: int = 1) -> float:
+    """Seconds to read the visits' ranges through the Fetcher, `in_flight` visits at a time."""
+    return path_read_cpu(files, visits, workers, queue_depth, direct, in_flight)[0]
 
 
 def path_read_cpu(files: list[str], visits: list[list], workers: int, queue_depth: int | None = None,
-                  direct: bool = False) -> tuple[float, float]:
+                  direct: bool = False, in_flight: int = 1) -> tuple[float, float]:
     """path_read's seconds, and the CPU seconds its worker processes spent."""
     staging = max(sum(n for _, _, n in v) for v in visits) * 2
     depth = {} if queue_depth is None else {"queue_depth": queue_depth}
@@ -83,7 +107,12 @@ def path_read_cpu(files: list[str], visits: list[list], workers: int, queue_dept
         procs = [psutil.Process(p) for p in f.pids]
         cpu0 = sum(sum(p.cpu_times()[:2]) for p in procs)
         t0 = time.perf_counter()
+        tickets: deque = deque()
         for v in visits:
-            f.read(v)
+            if len(tickets) == in_flight:
+                f.wait(tickets.popleft())
+            tickets.append(f.submit(v))
+        while tickets:
+            f.wait(tickets.popleft())
         wall = time.perf_counter() - t0
         return wall, sum(sum(p.cpu_times()[:2]) for p in procs) - cpu0

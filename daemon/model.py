@@ -29,8 +29,8 @@ from moed.workers.index import DTYPE_BYTES, FLOATS, CheckpointError, ExpertLayer
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 MLX_CACHE_LIMIT = 256 << 20  # bytes of freed buffers MLX may keep for reuse
 # lookahead by default when a layer caches at most this share of its experts (then the resident
-# experts' compute cannot cover the reads): +6-15% at 10%, -9% to +8% at 25-50% (med-lookahead.json)
-LOOKAHEAD_BELOW = 0.2
+# experts' compute cannot cover the reads); bench/results/med-lookahead.json has the figures
+LOOKAHEAD_BELOW = 0.3
 
 
 # ---------------------------------------------------------------- where the model is
@@ -174,6 +174,16 @@ def cached_expert_nbytes(layer: ExpertLayer, cast: mx.Dtype | None) -> int:
     return total
 
 
+def auto_lookahead(n_slots: list[int], layers: list[ExpertLayer]) -> bool:
+    return min(n / layer.num_experts for n, layer in zip(n_slots, layers)) <= LOOKAHEAD_BELOW
+
+
+def staging_bytes(n_slots: list[int], layers: list[ExpertLayer], top_k: int, lookahead: bool) -> int:
+    """The workers' shared memory: a layer's whole cache (warm-up, long prompts), and with
+    lookahead a decode step's own misses plus the next layer's read in flight at once."""
+    return max(max(n, 2 * top_k if lookahead else 0) * layer.expert_nbytes for n, layer in zip(n_slots, layers))
+
+
 def slots_per_layer(layers: list[ExpertLayer], top_k: int, cast: mx.Dtype | None,
                     fraction: float | None = None, gb: float | None = None) -> list[int]:
     """Slots each layer gets: a fraction of its experts, or an even split of a byte budget.
@@ -273,7 +283,9 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
         set_top_k(net, top_k)
     top_k = top_k or top_k_of(config)
     n_slots = slots_per_layer(layers, top_k, cast, cache_fraction, cache_gb)
-    staging = max(n * layer.expert_nbytes for n, layer in zip(n_slots, layers))
+    if lookahead is None:
+        lookahead = auto_lookahead(n_slots, layers)
+    staging = staging_bytes(n_slots, layers, top_k, lookahead)
     expert_params = tuple(p + "." for p, _ in switches)
     resident = [v for k, v in tree_flatten(net.parameters()) if not k.startswith(expert_params)]
     non_expert = sum(v.nbytes for v in resident)  # lazy: shapes only, nothing read yet
@@ -290,8 +302,6 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
             m.update(tree_unflatten([(k, pool.array) for k, pool in zip(params, store.pools[i])]))
             paged.append(PagedSwitch(m, store, i))
             set_module(net, p, paged[-1])
-        if lookahead is None:
-            lookahead = min(n / layer.num_experts for n, layer in zip(n_slots, layers)) <= LOOKAHEAD_BELOW
         if lookahead:
             for here, (p, _) in zip(paged, switches[1:]):
                 here.set_lookahead(parent_of(net, p).gate, top_k)

@@ -134,7 +134,8 @@ def make_plan(model: str | Path | Checkpoint, *, cache_fraction: float | None = 
               dtype: str | None = None, top_k: int | None = None) -> Plan:
     """The memory a configuration needs, from the headers only (pass a Checkpoint to read them once)."""
     from moed.daemon.core import context_length
-    from moed.daemon.model import DTYPES, cached_expert_nbytes, slots_per_layer, top_k_of
+    from moed.daemon.model import (DTYPES, auto_lookahead, cached_expert_nbytes, slots_per_layer, staging_bytes,
+                                   top_k_of)
 
     ck = model if isinstance(model, Checkpoint) else read_checkpoint(model)
     path, config, table, layers = ck.path, ck.config, ck.table, ck.layers
@@ -158,7 +159,7 @@ def make_plan(model: str | Path | Checkpoint, *, cache_fraction: float | None = 
                 slots_per_layer=slots, expert_nbytes=per[0], non_expert_bytes=non_expert,
                 expert_bytes=sum(layer.expert_nbytes * layer.num_experts for layer in layers),
                 cache_bytes=sum(n * p for n, p in zip(slots, per)),
-                staging_bytes=max(n * layer.expert_nbytes for n, layer in zip(slots, layers)),
+                staging_bytes=staging_bytes(slots, layers, k, auto_lookahead(slots, layers)),
                 kv_bytes=_kv_bytes(ck, context, float_bytes), context=context,
                 rest_bytes=RUNTIME_BYTES + workers * WORKER_BYTES,
                 ram_bytes=int(ram_gb * 1e9) if ram_gb else available_bytes())

@@ -32,3 +32,5 @@ def test_trace_records_every_decode_visit_and_replays(tiny_models):
     assert sum(len(v) for v in visits) == expected * len(layers[0].tensors)  # compulsory misses only
     files = [str(f) for f in table.files]
     assert raw_read(files, [r for v in visits for r in v]) > 0 and path_read(files, visits, 2) > 0
+    assert raw_read(files, [r for v in visits for r in v], direct=True) > 0
+    assert path_read(files, visits, 2, in_flight=2) > 0 and path_read(files, visits, 1, direct=True, in_flight=2) > 0

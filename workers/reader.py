@@ -88,8 +88,10 @@ class Reader:
         if (error := self._check(buf, items)) is not None:
             return 0, error
         runs = plan(items)
+        done = 0
+        if NOWAIT and not self.direct:  # what the page cache holds is copied here, no thread hop
+            runs, done = self._read_cached(buf, runs, progress)
         if self.depth <= 1 or len(runs) <= 1:
-            done = 0
             for run in runs:
                 if (error := self._try_run(buf, run)) is not None:
                     return done, error
@@ -100,7 +102,7 @@ class Reader:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.depth, thread_name_prefix="pread")
         futures = {self._pool.submit(self._try_run, buf, run): run for run in runs}
-        done, error, pending = 0, None, set(futures)
+        error, pending = None, set(futures)
         while pending:
             finished, pending = wait(pending, timeout=PROGRESS_S, return_when=FIRST_COMPLETED)
             for f in finished:
@@ -111,6 +113,28 @@ class Reader:
             if progress is not None:
                 progress()  # from this thread only: it may use the worker's socket
         return done, error
+
+    def _read_cached(self, buf: memoryview, runs: list[Run],
+                     progress: Callable[[], None] | None) -> tuple[list[Run], int]:
+        """Read what the page cache holds without blocking (RWF_NOWAIT); returns the runs, or
+        the rests of runs, that need the disk, and the bytes done."""
+        left, done = [], 0
+        for run in runs:
+            got = 0
+            try:
+                fd = self._fd(run.file_idx)
+                views = [buf[d:d + n] for d, n in run.pieces]
+                while views and (n := os.preadv(fd, views, run.offset + got, NOWAIT)) > 0:
+                    got += n
+                    views = _advance(views, n)
+            except OSError:  # EAGAIN: not cached; a real error is reported by the blocking read
+                pass
+            done += got
+            if got < run.nbytes:
+                left.append(_rest(run, got))
+            if progress is not None:
+                progress()
+        return left, done
 
     def _try_run(self, buf: memoryview, run: Run) -> str | None:
         try:
@@ -200,6 +224,18 @@ class Reader:
         view.release()
 
 
+def _rest(run: Run, got: int) -> Run:
+    """The part of `run` after its first `got` bytes."""
+    rest = Run(run.file_idx, run.offset + got, run.nbytes - got)
+    for dst, n in run.pieces:
+        if got >= n:
+            got -= n
+            continue
+        rest.pieces.append((dst + got, n - got))
+        got = 0
+    return rest
+
+
 def _advance(views: list[memoryview], got: int) -> list[memoryview]:
     """Drop the first `got` bytes from a list of buffers (after a possibly short read)."""
     i = 0
@@ -211,6 +247,8 @@ def _advance(views: list[memoryview], got: int) -> list[memoryview]:
         views[0] = views[0][got:]
     return views
 
+
+NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # Linux: a read that fails with EAGAIN instead of waiting for the disk
 
 if hasattr(os, "preadv"):
     _preadv = os.preadv
