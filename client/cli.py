@@ -27,7 +27,7 @@ def _cache_args(p: argparse.ArgumentParser, reading: bool = True) -> None:
                    help="start with an empty expert cache (default: fill it at load)")
     p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None,
                    help="read the next layer's predicted experts while this layer computes "
-                        "(default: when the cache holds at most 20%% of each layer's experts)")
+                        "(default: whenever a layer does not hold all its experts)")
     p.add_argument("--direct", action="store_true",
                    help="read experts bypassing the page cache (O_DIRECT on Linux, F_NOCACHE on macOS)")
     p.add_argument("--no-pack", dest="packed", action="store_false",

@@ -67,8 +67,8 @@ def test_two_rank_daemon_serves_and_stops_clean(tiny_model, tmp_path):
         assert len(ranks) == 2 and ranks[0]["pid"] == snap["pid"]
         assert sorted(tuple(r["layers"]) for r in ranks) == [(0, 2), (2, 4)]
         ps = moed(env, "ps").stdout
-        assert "ranks" in ps and "stacked, buffered" in ps  # no pack here; lookahead off at 50%
-        assert snap["io"]["packed"] is False and snap["io"]["lookahead"] is False
+        assert "ranks" in ps and "stacked, buffered, lookahead" in ps  # no pack here; lookahead: a partial cache
+        assert snap["io"]["packed"] is False and snap["io"]["lookahead"] is True
         workers = [w["pid"] for w in snap["workers"]]
     finally:
         moed(env, "stop")
