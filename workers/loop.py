@@ -2,10 +2,14 @@
 
     python -m moed.workers.loop --endpoint ipc://... --id N [--lifeline FD] [--heartbeat S]
 
-A DEALER connects to the supervisor's ROUTER and sends Ready, then loops: receive (with a
-heartbeat-long timeout), handle Configure / Read / Shutdown, answer each Read with one ReadDone,
-send a Heartbeat whenever nothing was sent for a heartbeat interval (also between the chunks of a
-long read, so the supervisor's liveness count tracks read progress, not just a live process).
+A DEALER connects to the supervisor's ROUTER and sends Ready, then loops: poll the socket and a
+wake-up pipe (with a heartbeat-long timeout), handle Configure / Read / Shutdown, answer each Read
+with one ReadDone, in order. A Read is started at once (what the page cache holds is copied
+inline, the rest goes to the reader's threads), so the next Read's disk reads join the queue
+while the previous one finishes: the device sees a steady queue, not one batch per request. A
+Heartbeat goes out whenever nothing was sent for a heartbeat interval, unless a read has made no
+progress for that long, so the supervisor's liveness count tracks read progress, not just a live
+process.
 
 The worker never outlives its supervisor: a thread blocks on the lifeline socket, whose other end
 only the supervisor holds, and exits the process when it reads EOF, which the kernel delivers the
@@ -20,6 +24,8 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
+from concurrent.futures import wait
 from typing import Callable
 
 import zmq
@@ -27,7 +33,7 @@ import zmq
 from moed.ipc import shm
 from moed.ipc.codec import ProtocolError, decode, encode
 from moed.ipc.messages import Configure, Heartbeat, Read, ReadDone, Ready, Shutdown
-from moed.workers.reader import Reader
+from moed.workers.reader import Job, Reader
 
 
 class IOService:
@@ -57,11 +63,11 @@ class IOService:
             self.error = (f"shared memory {msg.shm_name} is {len(self.buf)} bytes, "
                           f"not {msg.shm_size}")
 
-    def read(self, msg: Read, progress: Callable[[], None] | None = None) -> ReadDone:
+    def start(self, msg: Read, progress: Callable[[], None] | None = None,
+              on_done: Callable[[], None] | None = None) -> Job:
         if self.error is not None or self.buf is None or self.reader is None:
-            return ReadDone(msg.req_id, 0, self.error or "worker not configured")
-        nbytes, error = self.reader.read(self.buf, msg.items, progress)
-        return ReadDone(msg.req_id, nbytes, error)
+            return Job(0, {}, self.error or "worker not configured")
+        return self.reader.start(self.buf, msg.items, progress, on_done)
 
     def close(self) -> None:
         self._detach()
@@ -78,7 +84,8 @@ class IOService:
 
 
 class WorkerLoop:
-    """Receive, dispatch on message type, heartbeat; returns the reason it stopped."""
+    """Receive, dispatch on message type, answer finished reads in order, heartbeat; returns the
+    reason it stopped."""
 
     def __init__(self, sock: zmq.Socket, worker_id: int, heartbeat_s: float,
                  lifeline: int | None = None, parent_pid: int | None = None):
@@ -89,36 +96,75 @@ class WorkerLoop:
         self.parent_pid = parent_pid
         self.service = IOService()
         self.last_sent = 0.0
+        self.last_progress = 0.0
+        self.jobs: deque[tuple[int, Job]] = deque()  # started reads, oldest first
+        self._wake_r, self._wake_w = os.pipe()  # the reader's threads say "a run finished"
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
 
     def run(self) -> str:
         if self.lifeline is not None:
             threading.Thread(target=_exit_on_eof, args=(self.lifeline,), daemon=True).start()
-        self.sock.setsockopt(zmq.RCVTIMEO, max(1, int(self.heartbeat_s * 1000)))
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        timeout = max(1, int(self.heartbeat_s * 1000))
         self.send(Ready(self.worker_id, os.getpid()))
         try:
             while True:
-                try:  # a blocking recv wakes faster than a poll + recv
-                    frames = self.sock.recv_multipart()
-                except zmq.Again:
-                    frames = None
-                if frames is not None and self._handle(frames):
-                    return "shutdown"
+                events = dict(poller.poll(timeout))
+                if self._wake_r in events:
+                    _drain(self._wake_r)
+                while self.sock in events:
+                    try:
+                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if self._handle(frames):
+                        return "shutdown"
+                self.answer_finished()
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
                     return "parent died"
                 self.heartbeat_if_due()
         finally:
             self.service.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     def send(self, msg, flags: int = 0) -> None:
         self.sock.send_multipart(encode(msg), flags=flags, copy=True)
         self.last_sent = time.monotonic()
 
     def heartbeat_if_due(self) -> None:
-        if time.monotonic() - self.last_sent >= self.heartbeat_s:
-            try:  # never block on a supervisor that is not reading: drop the beat instead
-                self.send(Heartbeat(), zmq.NOBLOCK)
-            except zmq.Again:
-                pass
+        now = time.monotonic()
+        if now - self.last_sent < self.heartbeat_s:
+            return
+        if self.jobs and now - self.last_progress >= self.heartbeat_s:
+            return  # a read is stuck: let the supervisor's liveness count run out
+        try:  # never block on a supervisor that is not reading: drop the beat instead
+            self.send(Heartbeat(), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def progress(self) -> None:
+        self.last_progress = time.monotonic()
+        self.heartbeat_if_due()
+
+    def answer_finished(self) -> None:
+        """ReadDone for each finished read at the head of the queue (answers keep request order)."""
+        while self.jobs and self.jobs[0][1].done():
+            req_id, job = self.jobs.popleft()
+            nbytes, error = job.result()
+            self.last_progress = time.monotonic()
+            self.send(ReadDone(req_id, nbytes, error))
+
+    def _run_done(self) -> None:
+        """From a reader thread: a run finished; wake the loop (a full pipe is awake already)."""
+        self.last_progress = time.monotonic()
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
 
     def _handle(self, frames: list[bytes]) -> bool:
         """Handle one message; True on Shutdown."""
@@ -128,13 +174,25 @@ class WorkerLoop:
             print(f"moed worker {self.worker_id}: dropped message: {e}", file=sys.stderr)
             return False
         if isinstance(msg, Read):
-            self.send(self.service.read(msg, self.heartbeat_if_due))
+            self.last_progress = time.monotonic()
+            self.jobs.append((msg.req_id, self.service.start(msg, self.progress, self._run_done)))
         elif isinstance(msg, Configure):
+            for _, job in self.jobs:  # reads still writing into the old segment finish first
+                wait(job.futures)
+            self.answer_finished()
             self.service.configure(msg)
         elif isinstance(msg, Shutdown):
             return True
         # Heartbeats from the supervisor need no answer.
         return False
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _exit_on_eof(fd: int) -> None:

@@ -61,6 +61,28 @@ def plan(items: Iterable[Item]) -> list[Run]:
     return runs
 
 
+class Job:
+    """A read in progress (Reader.start): bytes done so far and the runs still on the threads."""
+
+    def __init__(self, done: int, futures: dict, error: str | None = None):
+        self.futures = futures  # Future -> Run
+        self._done = done
+        self._error = error
+
+    def done(self) -> bool:
+        return all(f.done() for f in self.futures)
+
+    def result(self) -> tuple[int, str | None]:
+        """(bytes read, None) or (bytes read, the first error); only once done()."""
+        done, error = self._done, self._error
+        for f, run in self.futures.items():
+            if (e := f.result()) is None:
+                done += run.nbytes
+            elif error is None:
+                error = e
+        return done, error
+
+
 class ShortRead(Exception):
     """EOF before the requested range ended."""
 
@@ -85,8 +107,20 @@ class Reader:
         Returns (bytes read, None) or (bytes read before the failure, error message).
         `progress` is called after every syscall.
         """
+        job = self.start(buf, items, progress)
+        while not job.done():
+            wait(job.futures, timeout=PROGRESS_S, return_when=FIRST_COMPLETED)
+            if progress is not None:
+                progress()  # from this thread only: it may use the worker's socket
+        return job.result()
+
+    def start(self, buf: memoryview, items: list[Item],
+              progress: Callable[[], None] | None = None, on_done: Callable[[], None] | None = None) -> "Job":
+        """Start filling `buf` from the items' ranges and return at once: what the page cache
+        holds is copied before returning, the rest is read by up to `depth` threads, which call
+        `on_done` (from their thread) as each run completes. `progress` runs in this thread."""
         if (error := self._check(buf, items)) is not None:
-            return 0, error
+            return Job(0, {}, error)
         runs = plan(items)
         done = 0
         if NOWAIT and not self.direct:  # what the page cache holds is copied here, no thread hop
@@ -94,25 +128,18 @@ class Reader:
         if self.depth <= 1 or len(runs) <= 1:
             for run in runs:
                 if (error := self._try_run(buf, run)) is not None:
-                    return done, error
+                    return Job(done, {}, error)
                 done += run.nbytes
                 if progress is not None:
                     progress()
-            return done, None
+            return Job(done, {})
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.depth, thread_name_prefix="pread")
         futures = {self._pool.submit(self._try_run, buf, run): run for run in runs}
-        error, pending = None, set(futures)
-        while pending:
-            finished, pending = wait(pending, timeout=PROGRESS_S, return_when=FIRST_COMPLETED)
-            for f in finished:
-                if (e := f.result()) is None:
-                    done += futures[f].nbytes
-                elif error is None:
-                    error = e
-            if progress is not None:
-                progress()  # from this thread only: it may use the worker's socket
-        return done, error
+        if on_done is not None:
+            for f in futures:
+                f.add_done_callback(lambda _: on_done())
+        return Job(done, futures)
 
     def _read_cached(self, buf: memoryview, runs: list[Run],
                      progress: Callable[[], None] | None) -> tuple[list[Run], int]:
