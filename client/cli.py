@@ -364,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ranks", help="e.g. 1,2: the model split across N local ranks (first cache fraction)")
     b.add_argument("--skip-mlx-lm", action="store_true", help="no resident baseline (a model larger than RAM)")
     b.add_argument("--skip-io", action="store_true", help="no I/O probe (another run of the same model has it)")
+    b.add_argument("--repeat", type=int, default=1,
+                   help="run the whole sweep N times, interleaved; ratios pair each run with its round's mlx-lm")
     b.add_argument("--top-k", dest="top_ks", help="e.g. 10,8,6,4: speed and quality (KL, top-1 agreement) per K")
     b.set_defaults(fn=cmd_bench)
 

@@ -468,6 +468,22 @@ def main_ranks(a, console, model: str, base: dict) -> int:
     return 0
 
 
+def repeat_summary(runs: list) -> list[dict]:
+    """Per configuration over the rounds: median decode tok/s and median of the paired ratios."""
+    from statistics import median
+
+    groups: dict[str, list] = {}
+    for r in runs:
+        if r["engine"] == "moed" and "decode_ratio_vs_mlx_lm" in r:
+            key = (f"cache {r['cache_fraction']} {r['sampling']} " + ("packed" if r.get("packed") else "stacked")
+                   + (" direct" if r.get("direct") else "") + (" lookahead" if r.get("lookahead") else ""))
+            groups.setdefault(key, []).append(r)
+    return [{"engine": "summary", "config": k, "rounds": len(rs), "cache_fraction": rs[0]["cache_fraction"],
+             "sampling": rs[0]["sampling"], "decode_tps": median(r["decode_tps"] for r in rs),
+             "ratios": [r["decode_ratio_vs_mlx_lm"] for r in rs],
+             "decode_ratio_vs_mlx_lm": median(r["decode_ratio_vs_mlx_lm"] for r in rs)} for k, rs in groups.items()]
+
+
 def write_provenance(a, model: str, base: dict, runs: list, extra: dict) -> None:
     config = json.loads((Path(model) / "config.json").read_text())
     cfg = config.get("text_config", config)
@@ -513,9 +529,11 @@ def main(a) -> int:
                "direct": io == "direct", "lookahead": ahead}
               for s in samplings for lay in layouts for io in ios for ahead in aheads for f in fractions]
     runs = []
-    for spec in specs:
-        console.print(f"[bold]{spec['engine']}[/] cache={spec['cache_fraction']} sampling={spec['sampling']} ...")
-        runs.append(run_one(spec, a.cold))
+    for rnd in range(a.repeat):  # whole rounds, so a drift of the machine hits every configuration alike
+        for spec in specs:
+            console.print(f"[bold]{spec['engine']}[/] cache={spec['cache_fraction']} sampling={spec['sampling']}"
+                          + (f" round {rnd + 1}/{a.repeat}" if a.repeat > 1 else "") + " ...")
+            runs.append({**run_one(spec, a.cold), "round": rnd})
     console.print("[bold]moed plan forecast[/] (profile of this machine) ...")
     plan = run_one({**base, "engine": "plan", "fractions": fractions, "cache_fraction": None, "sampling": "-"}, cold=False)
     for r in runs:
@@ -536,15 +554,17 @@ def main(a) -> int:
         console.print("[bold]I/O path alone vs raw parallel reads[/] ...")
         io = run_one({**base, "engine": "io", "fractions": partial, "cache_fraction": None, "sampling": "random",
                       "trace_out": str(Path(a.out).with_name(Path(a.out).stem + "-trace.json"))}, cold=False)
-    resident = {r["sampling"]: r for r in runs if r["engine"] == "mlx-lm"}
+    resident = {(r["sampling"], r["round"]): r for r in runs if r["engine"] == "mlx-lm"}
     for r in runs:
-        ref = resident.get(r["sampling"])
+        ref = resident.get((r["sampling"], r["round"]))
         if ref is not None:
             r["decode_ratio_vs_mlx_lm"] = r["decode_tps"] / ref["decode_tps"]
             r["prefill_ratio_vs_mlx_lm"] = r["prefill_tps"] / ref["prefill_tps"]
             r["same_tokens_as_mlx_lm"] = r["tokens"] == ref["tokens"]
-    write_provenance(a, model, base, runs + [plan] + extra + ([io] if io else []),
-                     {"cache_fractions": fractions, "layouts": layouts, "io": ios, "lookahead": aheads})
+    summary = repeat_summary(runs) if a.repeat > 1 else []
+    write_provenance(a, model, base, runs + [plan] + extra + ([io] if io else []) + summary,
+                     {"cache_fractions": fractions, "layouts": layouts, "io": ios, "lookahead": aheads,
+                      "repeat": a.repeat})
     t = Table(title=f"moed bench: {Path(model).name}")
     for c in ("engine", "layout", "cache", "sampling", "decode tok/s", "x mlx-lm", "forecast", "prefill tok/s",
               "ttft s", "hit rate", "MB read/tok", "read GB/s", "peak RSS MB"):
@@ -558,6 +578,10 @@ def main(a) -> int:
                   f"{r['hit_rate']:.1%}", f"{r['bytes_read_per_token'] / 1e6:.2f}", f"{r['read_gbps']:.2f}",
                   f"{r['peak_rss_bytes'] / 1e6:.0f}")
     Console(width=170).print(t)
+    for sm in summary:
+        console.print(f"median of {sm['rounds']} rounds: {sm['config']}: {sm['decode_tps']:.2f} tok/s, "
+                      f"x mlx-lm {sm['decode_ratio_vs_mlx_lm']:.3f} (rounds: "
+                      + ", ".join(f"{x:.3f}" for x in sm["ratios"]) + ")")
     if io:
         for layout, per in io["layouts"].items():
             for f, r in per.items():
