@@ -47,6 +47,8 @@ bench: venv
 	$(BIN)/moed make-model $(MED) --arch qwen3_moe --preset med --skip-existing
 	$(BIN)/moed pack $(MED)
 	$(BIN)/moed bench --model $(MED) --out $(R)/med-paged.json --cold --sampling random,greedy
+	$(BIN)/moed bench --model $(MED) --out $(R)/med-repeat.json --cold --cache-fractions 0.25,0.1 \
+		--sampling random --repeat 3 --skip-io
 	$(BIN)/moed bench --model $(MED) --out $(R)/med-pack.json --cold --cache-fractions 0.25,0.1 \
 		--layouts stacked,packed --io buffered,direct --skip-io
 	$(BIN)/moed bench --model $(MED) --out $(R)/med-lookahead.json --cold --cache-fractions 0.5,0.25,0.1 \
