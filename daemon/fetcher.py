@@ -267,8 +267,6 @@ class Fetcher:
         t0 = time.perf_counter()
         self._check_open()
         offsets, total = self._layout(ranges)
-        items = [(f, off, n, dst) for (f, off, n), dst in zip(ranges, offsets) if n > 0]
-        ticket = Ticket(ranges, offsets, items, t0)
         try:
             for w in self._workers:
                 w.restarts = 0
@@ -280,11 +278,11 @@ class Fetcher:
                     self._collect(t)
                 self._grow(total)
                 base = 0
-            ticket.buf, ticket.segment, ticket.span = self._buf[:], self._segment, (base, base + total)
-            ticket.offsets = [base + o for o in offsets]
+            offsets = [base + o for o in offsets]
+            items = [(f, off, n, dst) for (f, off, n), dst in zip(ranges, offsets) if n > 0]
+            ticket = Ticket(ranges, offsets, items, t0, self._buf[:], self._segment, (base, base + total))
             self._tickets.append(ticket)
             if items:
-                items = [(f, off, n, base + dst) for f, off, n, dst in items]
                 self._send_plan(ticket, self._assign(items, total))
         except WorkerError:
             self.close()
@@ -315,8 +313,8 @@ class Fetcher:
         self.stats.read_seconds += time.perf_counter() - ticket.t0
         if errors:
             raise ReadError(errors)
-        if nbytes != sum(i[2] for i in ticket.items):
-            raise ReadError([f"workers read {nbytes} bytes, expected {sum(i[2] for i in ticket.items)}"])
+        if nbytes != (expected := sum(i[2] for i in ticket.items)):
+            raise ReadError([f"workers read {nbytes} bytes, expected {expected}"])
         buf = ticket.buf
         return [buf[dst:dst + n] for (_, _, n), dst in zip(ranges, ticket.offsets)]
 

@@ -13,10 +13,8 @@ from the disk, the regime of a model much larger than RAM).
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
-import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +25,7 @@ import psutil
 from moed.daemon.cache import LayerSlots
 from moed.daemon.fetcher import Fetcher
 from moed.workers.index import ExpertLayer
-from moed.workers.reader import DIRECT_ALIGN
+from moed.workers.reader import DIRECT_ALIGN, envelope, open_file
 
 RAW_THREADS = 8
 
@@ -57,28 +55,18 @@ def coalesce(ranges: list) -> list:
 def raw_read(files: list[str], ranges: list, threads: int = RAW_THREADS, direct: bool = False) -> float:
     """Seconds to read `ranges` with parallel preads; `direct` bypasses the page cache as the
     workers do (O_DIRECT with block-aligned envelopes on Linux, F_NOCACHE on macOS)."""
-    aligned = direct and hasattr(os, "O_DIRECT")
-    try:
-        fds = [os.open(f, os.O_RDONLY | (os.O_DIRECT if aligned else 0)) for f in files]
-    except OSError as e:  # EINVAL: no O_DIRECT on this file system (tmpfs); the workers read buffered too
-        if not aligned or e.errno != errno.EINVAL:
-            raise
-        aligned, fds = False, [os.open(f, os.O_RDONLY) for f in files]
-    if direct and sys.platform == "darwin":
-        import fcntl
-
-        for fd in fds:
-            fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", 48), 1)
+    opened = [open_file(f, direct) for f in files]  # (fd, must reads be block-aligned)
     size = max(n for _, _, n in ranges) + 2 * DIRECT_ALIGN
     bufs = [mmap.mmap(-1, size) for _ in range(threads)]  # page-aligned, as O_DIRECT needs
 
     def read(i_r):
         i, (f, off, n) = i_r
+        fd, aligned = opened[f]
         if aligned:
-            off, n = off - off % DIRECT_ALIGN, -(-(off % DIRECT_ALIGN + n) // DIRECT_ALIGN) * DIRECT_ALIGN
+            off, n = envelope(off, n)
         view = memoryview(bufs[i % threads])[:n]
         got = 0
-        while got < n and (k := os.preadv(fds[f], [view[got:]], off + got)) > 0:
+        while got < n and (k := os.preadv(fd, [view[got:]], off + got)) > 0:
             got += k
         view.release()
 
@@ -88,7 +76,7 @@ def raw_read(files: list[str], ranges: list, threads: int = RAW_THREADS, direct:
             list(pool.map(read, enumerate(ranges)))
         return time.perf_counter() - t0
     finally:
-        for fd in fds:
+        for fd, _ in opened:
             os.close(fd)
 
 

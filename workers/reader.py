@@ -198,20 +198,9 @@ class Reader:
             return fd
 
     def _open(self, file_idx: int) -> int:
-        path = self.paths[file_idx]
-        if self.direct and hasattr(os, "O_DIRECT"):
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-                self._aligned.add(file_idx)
-                return fd
-            except OSError as e:
-                if e.errno != errno.EINVAL:  # EINVAL: this file system has no O_DIRECT (tmpfs)
-                    raise
-        fd = os.open(path, os.O_RDONLY)
-        if self.direct and sys.platform == "darwin":
-            import fcntl
-
-            fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", 48), 1)  # no alignment needed on macOS
+        fd, aligned = open_file(self.paths[file_idx], self.direct)
+        if aligned:
+            self._aligned.add(file_idx)
         return fd
 
     def _read_run(self, buf: memoryview, run: Run) -> None:
@@ -231,8 +220,7 @@ class Reader:
 
 
     def _read_run_direct(self, fd: int, buf: memoryview, run: Run) -> None:
-        start = run.offset - run.offset % DIRECT_ALIGN
-        size = -(-(run.end - start) // DIRECT_ALIGN) * DIRECT_ALIGN
+        start, size = envelope(run.offset, run.nbytes)
         bounce = getattr(self._bounce, "map", None)
         if bounce is None or len(bounce) < size:
             bounce = self._bounce.map = mmap.mmap(-1, max(size, 1 << 20))  # page-aligned
@@ -249,6 +237,29 @@ class Reader:
             buf[dst:dst + n] = view[at:at + n]
             at += n
         view.release()
+
+
+def open_file(path: str, direct: bool) -> tuple[int, bool]:
+    """A read-only descriptor, and whether its reads must be block-aligned. `direct` bypasses the
+    page cache: O_DIRECT (aligned) where the file system has it, F_NOCACHE on macOS."""
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECT), True
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: this file system has no O_DIRECT (tmpfs)
+                raise
+    fd = os.open(path, os.O_RDONLY)
+    if direct and sys.platform == "darwin":
+        import fcntl
+
+        fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", 48), 1)  # no alignment needed on macOS
+    return fd, False
+
+
+def envelope(offset: int, nbytes: int) -> tuple[int, int]:
+    """The DIRECT_ALIGN-aligned (offset, length) covering [offset, offset + nbytes)."""
+    start = offset - offset % DIRECT_ALIGN
+    return start, -(-(offset + nbytes - start) // DIRECT_ALIGN) * DIRECT_ALIGN
 
 
 def _rest(run: Run, got: int) -> Run:
