@@ -67,9 +67,9 @@ def measure(spec: dict) -> dict:
     if spec["engine"] == "plan":
         return plan_forecast(spec)
     if spec["engine"] == "lookahead":
-        from moed.daemon import lookahead
+        from moed.daemon import recall
 
-        return lookahead.measure(spec["model"], PROMPT_TEXT, params)
+        return recall.measure(spec["model"], PROMPT_TEXT, params)
     if spec["engine"] == "mlx-lm":
         model, tokenizer = load_resident(spec["model"], spec.get("dtype"), top_k=spec.get("top_k"))
         pm = None
@@ -216,17 +216,18 @@ def top_k_quality(spec: dict) -> dict:
     import mlx.core as mx
 
     from moed.daemon.generate import SamplingParams, run
-    from moed.daemon.model import load_resident, set_top_k, top_k_of
+    from moed.daemon.model import hidden_size_of, load_resident, set_top_k, top_k_of
 
     model, tok = load_resident(spec["model"], spec.get("dtype"))
-    full_k = top_k_of(json.loads((Path(spec["model"]) / "config.json").read_text()))
+    config = json.loads((Path(spec["model"]) / "config.json").read_text())
+    full_k = top_k_of(config)
     seqs = []
     for p in QUALITY_PROMPTS:
         ids = tok.encode(p)
         seqs.append(ids + run(model, tok, ids, SamplingParams(max_tokens=24, ignore_eos=True)).tokens)
 
     def logprobs(k: int) -> list:
-        set_top_k(model, k)
+        set_top_k(model, k, hidden_size_of(config))
         out = []
         for ids in seqs:
             logits = model(mx.array(ids)[None])[0].astype(mx.float32)

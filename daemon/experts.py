@@ -116,6 +116,7 @@ class ExpertStore:
         """Lookahead: give `experts` of `layer` slots and start reading the missed ones now; the
         layer's own step settles the read first. Not counted as hits or misses."""
         slots = self.slots[layer]
+        experts = experts[(experts >= 0) & (experts < self.layers[layer].num_experts)]
         if self.ahead is not None or len(experts) > slots.n_slots:
             return
         _, filled = slots.assign(experts)
@@ -223,19 +224,26 @@ class PagedSwitch(nn.Module):
         self.inner = inner
         self.store = store
         self.layer = layer
-        self.lookahead = None  # (next MoE layer's router, its top-k), set by load_paged
+        self.lookahead = None  # the model's Lookahead, set by load_paged
 
-    def set_lookahead(self, router: nn.Module, k: int) -> None:
-        # a plain attribute: the router stays a parameter of its own block only
-        object.__setattr__(self, "lookahead", (router, k))
+    def set_lookahead(self, lookahead) -> None:
+        # a plain attribute: not a child module of this one
+        object.__setattr__(self, "lookahead", lookahead)
 
-    def _predict(self, x: mx.array, indices: mx.array) -> mx.array | None:
-        """The next layer's experts for these tokens, by its router on this layer's input (decode only)."""
-        if self.lookahead is None or indices.shape[-2] != 1 or self.store.trace is not None:
+    def _predict(self, indices: mx.array) -> mx.array | None:
+        """The next MoE layer's experts for these tokens, by its block's routing on this layer's
+        block input (decode steps only)."""
+        la = self.lookahead
+        if la is None or la.off is not None or indices.shape[-2] != 1 or self.store.trace is not None:
             return None
-        router, k = self.lookahead
-        predicted = mx.argpartition(router(x), kth=-k, axis=-1)[..., -k:]
-        mx.eval(indices, predicted)  # still the layer's one host sync
+        predicted = la.predict(self.layer)
+        if predicted is None:
+            return None
+        try:
+            mx.eval(indices, predicted)  # still the layer's one host sync
+        except Exception as e:  # the prediction's graph failed: never this layer's own routing
+            la.disable(f"{type(e).__name__}: {e}")
+            return None
         return predicted
 
     def _read_ahead(self, predicted: mx.array | None) -> None:
@@ -250,7 +258,7 @@ class PagedSwitch(nn.Module):
                 slots.device_lut = mx.array(slots.lut)
             self.store.count_resident(self.layer, indices.size)
             return self.inner(x, slots.device_lut[indices])
-        predicted = self._predict(x, indices)
+        predicted = self._predict(indices)
         idx = np.array(indices)  # the one host sync of this layer: the router's choice
         at = slots.lut[idx]  # each pair's slot; -1 where its expert is not resident
         resident = at >= 0

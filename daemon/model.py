@@ -18,10 +18,11 @@ import mlx.nn as nn
 import psutil
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
-from mlx_lm.utils import load_model, load_tokenizer
+from mlx_lm.utils import load_config, load_model, load_tokenizer
 
 from moed.daemon.experts import ExpertStore, PagedSwitch
 from moed.daemon.fetcher import Fetcher
+from moed.daemon.lookahead import LookaheadUnsupported, attach, block_routers
 from moed.daemon.plan import check_fits
 from moed.ipc.connection import daemon_files
 from moed.workers.index import DTYPE_BYTES, FLOATS, CheckpointError, ExpertLayer, TensorTable
@@ -102,30 +103,62 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent_of(model, path), path.split(".")[-1], module)
 
 
-def set_top_k(model: nn.Module, k: int) -> int:
-    """Route every token to `k` experts instead of the config's top-k (the MoE blocks' attribute).
+TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "moe_topk", "moe_top_k", "n_activated_experts")
 
-    Returns how many MoE blocks were changed.
+
+def set_top_k(model: nn.Module, k: int, hidden: int | None) -> None:
+    """Route every token to `k` experts instead of the config's top-k.
+
+    Sets the top-k attribute of every MoE block and of its router modules, then checks on a zero
+    token that each block now routes k experts and still runs (with zero expert outputs, nothing
+    read); ValueError naming the architecture where it does not.
     """
-    n = 0
-    for path, _ in find_switches(model):
-        parent = parent_of(model, path)
-        for name in ("top_k", "num_experts_per_tok"):
-            if isinstance(getattr(parent, name, None), int):
-                setattr(parent, name, k)
-                n += 1
-                break
-    if n == 0:
-        raise ValueError("--top-k: this architecture's MoE blocks have no top_k/num_experts_per_tok")
-    return n
+    arch = type(model).__module__.rsplit(".", 1)[-1]
+    try:
+        routers = block_routers(model, [p for p, _ in find_switches(model)], hidden or 0)
+    except LookaheadUnsupported as e:
+        raise ValueError(f"--top-k is not supported for {arch}: its routing cannot be checked ({e})") from None
+    for r in routers:
+        for _, m in r.block.named_modules():
+            for name in TOP_K_ATTRS:
+                if type(getattr(m, name, None)) is int:
+                    setattr(m, name, k)
+    x = mx.zeros((1, 1, hidden), dtype=mx.float32)
+    for r in routers:
+        try:
+            got = r((x,), {}).shape[-1]
+            r.dry_run(x)
+        except Exception as e:
+            raise ValueError(f"--top-k {k} is not supported for {arch}: {type(r.block).__name__} fails "
+                             f"with it ({type(e).__name__}: {e})") from None
+        if got != k:
+            raise ValueError(f"--top-k is not supported for {arch}: {type(r.block).__name__} still routes "
+                             f"{got} experts per token (its top-k is not an attribute moed can set)")
+
+
+def log(msg: str) -> None:
+    print(f"[moed] {msg}", file=sys.stderr, flush=True)
+
+
+def hidden_size_of(config: dict) -> int | None:
+    for cfg in (config, config.get("text_config", {})):
+        for key in ("hidden_size", "d_model", "model_dim", "n_embd", "dim"):
+            if isinstance(cfg.get(key), int):
+                return cfg[key]
+    return None
+
+
+TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_top_k", "top_k")
 
 
 def top_k_of(config: dict) -> int:
+    """Experts per token from the config (a per-layer list: its largest)."""
     for cfg in (config, config.get("text_config", {})):
-        for key in ("num_experts_per_tok", "moe_top_k", "top_k"):
+        for key in TOP_K_KEYS:
             if key in cfg:
-                return int(cfg[key])
-    raise CheckpointError("config.json names no num_experts_per_tok")
+                k = cfg[key]
+                return int(max(k) if isinstance(k, (list, tuple)) else k)
+    raise CheckpointError(f"config.json names no experts per token (none of {', '.join(TOP_K_KEYS)})")
 
 
 def load_resident(path: str | Path, dtype: str | None = None, top_k: int | None = None):
@@ -137,7 +170,7 @@ def load_resident(path: str | Path, dtype: str | None = None, top_k: int | None 
         cast_floats(model, DTYPES[dtype])
         mx.eval(model.parameters())
     if top_k:
-        set_top_k(model, top_k)
+        set_top_k(model, top_k, hidden_size_of(load_config(resolve_model(path))))
     return model, tokenizer
 
 
@@ -278,9 +311,9 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
     report("indexing experts", 0.05)
     table, layers = index_experts(path, switches, packed)
     if table.pack_note:
-        print(f"[moed] {table.pack_note}", file=sys.stderr)
+        log(table.pack_note)
     if top_k:
-        set_top_k(net, top_k)
+        set_top_k(net, top_k, hidden_size_of(config))
     top_k = top_k or top_k_of(config)
     n_slots = slots_per_layer(layers, top_k, cast, cache_fraction, cache_gb)
     if lookahead is None:
@@ -303,8 +336,10 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
             paged.append(PagedSwitch(m, store, i))
             set_module(net, p, paged[-1])
         if lookahead:
-            for here, (p, _) in zip(paged, switches[1:]):
-                here.set_lookahead(parent_of(net, p).gate, top_k)
+            ahead = attach(net, [p for p, _ in switches], hidden_size_of(config), log)
+            lookahead = ahead is not None
+            for here in paged if lookahead else ():
+                here.set_lookahead(ahead)
         done = 0
         for v in resident:  # reads the non-expert weights only
             mx.eval(v)

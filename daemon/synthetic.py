@@ -214,13 +214,15 @@ def make_config(arch: str, preset: str = "tiny", **overrides) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def build_lazy_model(config: dict, dtype: str = "float32"):
+def build_lazy_model(config: dict, dtype: str = "float32", init=None):
     """Build and quantize a model with mlx-lm, without evaluating any weight.
 
     Args:
         config (dict): The model config.
         dtype (str): Dtype of the non-quantized weights and of the
             quantization scales and biases.
+        init (Callable[[nn.Module], None], optional): Called on the model
+            after mlx-lm's init, before the cast and quantization.
 
     Returns:
         Tuple[nn.Module, dict]: The lazy quantized model and its config with
@@ -235,6 +237,8 @@ def build_lazy_model(config: dict, dtype: str = "float32"):
     for _, m in model.named_modules():
         if isinstance(m, nn.Embedding):
             m.weight = mx.random.normal(m.weight.shape)
+    if init is not None:
+        init(model)
 
     # Cast like mlx_lm.convert does, before quantizing so scales follow.
     target = _DTYPES[dtype]

@@ -1,0 +1,65 @@
+"""Every mlx-lm architecture that routes through SwitchGLU/SwitchMLP pages exactly, or is refused.
+
+Each tiny checkpoint (daemon/zoo.py: our configs, mlx-lm's classes, 4-bit) decodes greedily with
+mlx-lm resident, then with moed at 25% cache with the default options (lookahead where it applies),
+with --no-lookahead and with every expert cached: same tokens, last step's logits to 1e-5.
+The whole list takes ~45 s here, so `make test` (and CI) runs all of it.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from moed.daemon.generate import SamplingParams, run
+from moed.daemon.model import find_switches, load_paged, load_resident
+from moed.daemon.zoo import LOOKAHEAD_OFF, METAL_ONLY, REFUSED, ZOO, make_tiny
+from moed.workers.index import CheckpointError
+
+PROMPT = "The paged expert cache"
+PARAMS = SamplingParams(max_tokens=20, ignore_eos=True)
+
+
+@pytest.mark.parametrize("arch", sorted(ZOO))
+def test_architecture_pages_exactly(arch, tmp_path):
+    if arch in METAL_ONLY and not mx.metal.is_available():
+        pytest.skip(f"{arch}: {METAL_ONLY[arch]}")
+    path = make_tiny(tmp_path / arch, arch)
+    if arch in REFUSED:
+        with pytest.raises(CheckpointError, match=arch):
+            load_paged(path, cache_fraction=0.25, workers=1)
+        return
+    model, tok = load_resident(path)
+    assert find_switches(model), f"{arch}: no SwitchGLU/SwitchMLP in the tiny model"
+    ref = run(model, tok, PROMPT, PARAMS)
+    del model
+    runs = [("default", 0.25, {}), ("no-lookahead", 0.25, {"lookahead": False}), ("all cached", 1.0, {})]
+    for mode, fraction, options in runs:
+        with load_paged(path, cache_fraction=fraction, workers=1, **options) as pm:
+            r = run(pm.model, pm.tokenizer, PROMPT, PARAMS)
+            st = pm.store.stats
+            assert r.tokens == ref.tokens, f"{arch} {mode}"
+            np.testing.assert_allclose(np.array(r.logprobs), np.array(ref.logprobs), atol=1e-5, rtol=0)
+            if mode == "default":
+                assert st.misses > 0, f"{arch}: a 25% cache paged nothing"
+                assert pm.info["lookahead"] == (arch not in LOOKAHEAD_OFF), f"{arch} lookahead"
+                if pm.info["lookahead"]:
+                    assert st.prefetched > 0 and st.prefetch_used > 0, f"{arch}: lookahead predicted nothing"
+            if mode == "all cached":
+                assert st.misses == 0 and st.bytes_read == 0
+
+
+@pytest.mark.parametrize("arch,applies", [("deepseek_v3", True), ("gpt_oss", True), ("kimi_linear", False),
+                                          ("llama4", False)])
+def test_top_k_override_applies_or_is_refused(arch, applies, tmp_path):
+    """--top-k changes the routing as mlx-lm with the same override does, or is refused by name
+    (never silently ignored: some routers read their top-k from elsewhere)."""
+    path = make_tiny(tmp_path / arch, arch)
+    if not applies:
+        with pytest.raises(ValueError, match=f"--top-k.*not supported for {arch}"):
+            load_paged(path, cache_fraction=0.25, workers=1, top_k=2)
+        return
+    ref = run(*load_resident(path, top_k=2), PROMPT, PARAMS)
+    full = run(*load_resident(path), PROMPT, PARAMS)
+    with load_paged(path, cache_fraction=0.25, workers=1, top_k=2) as pm:
+        r = run(pm.model, pm.tokenizer, PROMPT, PARAMS)
+    assert r.tokens == ref.tokens and r.tokens != full.tokens
