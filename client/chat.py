@@ -11,7 +11,7 @@ from rich.live import Live
 from rich.markdown import Markdown
 
 from moed.client.client import Client, RequestRejected
-from moed.client.render import ps_view
+from moed.client.ps import ps_view
 from moed.ipc.messages import Finished
 
 HELP = "commands: /stats, /reset, /system TEXT, /exit"

@@ -37,7 +37,7 @@ def _cache_args(p: argparse.ArgumentParser, reading: bool = True) -> None:
 def cmd_make_model(a: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from moed.daemon.synthetic import make_model
+    from moed.daemon.tools.synthetic import make_model
 
     if a.skip_existing and (Path(a.dir) / "config.json").exists():
         print(f"{a.dir} exists, kept")
@@ -63,7 +63,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from moed.daemon.plan import forecast, largest_fraction, make_plan, mb, measure_profile, read_checkpoint
+    from moed.daemon.engine.budget import mb
+    from moed.daemon.tools.plan import forecast, largest_fraction, make_plan, measure_profile, read_checkpoint
 
     ck = read_checkpoint(a.model)
     plan_for = partial(make_plan, ck, context=a.context, ram_gb=a.ram, workers=a.workers, dtype=a.dtype,
@@ -101,7 +102,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
 def cmd_pack(a: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from moed.daemon.pack import pack
+    from moed.daemon.tools.pack import pack
 
     with Progress(TextColumn("[bold]moed pack[/] {task.description}"), BarColumn(),
                   TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), transient=True) as bar:
@@ -117,9 +118,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
         return code
     from dataclasses import asdict
 
-    from moed.daemon.generate import SamplingParams, encode_prompt, peak_rss_bytes, run
-    from moed.daemon.model import load_paged
-    from moed.daemon.ranks import link, rank_status
+    from moed.daemon.dist.ranks import link, rank_status
+    from moed.daemon.engine.generate import SamplingParams, encode_prompt, peak_rss_bytes, run
+    from moed.daemon.engine.loader import load_paged
 
     lk = link()
     rank = lk.rank if lk else 0
@@ -153,8 +154,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def cmd_trace(a: argparse.Namespace) -> int:
-    from moed.daemon.generate import SamplingParams
-    from moed.daemon.trace import record_trace, save_trace
+    from moed.daemon.engine.generate import SamplingParams
+    from moed.daemon.tools.trace import record_trace, save_trace
 
     params = SamplingParams(max_tokens=a.max_tokens, temp=a.temp, seed=a.seed, ignore_eos=True)
     trace = record_trace(a.model, a.prompt, params, workers=a.workers)
@@ -164,13 +165,13 @@ def cmd_trace(a: argparse.Namespace) -> int:
 
 
 def cmd_policy(a: argparse.Namespace) -> int:
-    from moed.daemon.policy import main as policy_main
+    from moed.daemon.tools.policy import main as policy_main
 
     return policy_main([a.trace, *a.args])
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from moed.daemon.bench import main as bench_main
+    from moed.daemon.tools.bench import main as bench_main
 
     return bench_main(a)
 
@@ -186,7 +187,7 @@ def demo_model() -> str:
     home = Path(os.environ.get("MOED_HOME") or Path.home() / ".cache" / "moed")
     path = home / "models" / f"tiny-{DEMO_ARCH}"
     if not (path / "config.json").exists():
-        from moed.daemon.synthetic import make_model
+        from moed.daemon.tools.synthetic import make_model
 
         make_model(path, DEMO_ARCH, "tiny", seed=0)
     return str(path)
@@ -216,8 +217,9 @@ def cmd_start(a: argparse.Namespace) -> int:
 def cmd_daemon(a: argparse.Namespace) -> int:
     if (code := _launched(a)) is not None:
         return code
-    from moed.daemon.ranks import link
-    from moed.daemon.supervisor import DaemonConfig, main as supervise
+    from moed.daemon.dist.ranks import link
+    from moed.daemon.service.supervisor import DaemonConfig
+    from moed.daemon.service.supervisor import main as supervise
 
     model = demo_model() if a.demo else a.model
     if not model:
@@ -240,7 +242,7 @@ def cmd_ps(a: argparse.Namespace) -> int:
     from rich.console import Console
 
     from moed.client import control
-    from moed.client.render import ps_view
+    from moed.client.ps import ps_view
 
     snap = control.status()
     if a.json:

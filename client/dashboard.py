@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
-    from moed.client.top import Series, View
+    from moed.client.view import Series, View
 
 SPARKS = "▁▂▃▄▅▆▇█"
 RESIDENT = "▫░▒▓█"  # resident experts, cold -> hot

@@ -2,7 +2,7 @@
 
 import pytest
 
-from moed.daemon.synthetic import ARCHS, make_model
+from moed.daemon.tools.synthetic import ARCHS, make_model
 
 
 @pytest.fixture(scope="session")

@@ -10,10 +10,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from moed.daemon.generate import SamplingParams, run
-from moed.daemon.model import find_switches, load_paged, load_resident
-from moed.daemon.zoo import LOOKAHEAD_OFF, METAL_ONLY, REFUSED, ZOO, make_tiny
-from moed.workers.index import CheckpointError
+from moed.daemon.engine.generate import SamplingParams, run
+from moed.daemon.engine.index import CheckpointError
+from moed.daemon.engine.loader import load_paged, load_resident
+from moed.daemon.engine.modules import find_switches
+from moed.daemon.tools.zoo import LOOKAHEAD_OFF, METAL_ONLY, REFUSED, ZOO, make_tiny
 
 PROMPT = "The paged expert cache"
 PARAMS = SamplingParams(max_tokens=20, ignore_eos=True)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from moed.daemon.core import EngineCore, RequestRejected
-from moed.daemon.generate import SamplingParams, run
-from moed.daemon.model import load_paged
+from moed.daemon.engine.core import EngineCore, RequestRejected
+from moed.daemon.engine.generate import SamplingParams, run
+from moed.daemon.engine.loader import load_paged
 from moed.ipc.messages import Finished, Generate, Token
 
 PROMPTS = ["The paged expert cache", "Once upon a time, in a land of small memories and large models,",

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import psutil
 
-from moed.daemon.generate import SamplingParams, run
-from moed.daemon.model import load_paged
+from moed.daemon.engine.generate import SamplingParams, run
+from moed.daemon.engine.loader import load_paged
 
 
 def shm_segments():

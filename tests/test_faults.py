@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moed.client.client import Client, RequestRejected
-from moed.daemon.generate import SamplingParams, run
-from moed.daemon.model import load_paged
+from moed.daemon.engine.generate import SamplingParams, run
+from moed.daemon.engine.loader import load_paged
 from moed.ipc.codec import decode, encode
 from moed.ipc.connection import daemon_files, read_connection
 from moed.ipc.messages import REGISTRY, Error, Generate, Hello, Welcome
@@ -151,7 +151,7 @@ def test_access_modes_and_no_pickle(private_daemon):
         for src in (root / folder).glob("*.py"):
             text = src.read_text()
             assert "import pickle" not in text and "pickle.load" not in text and "allow_pickle" not in text, src
-    from moed.daemon.http import HttpServer
+    from moed.daemon.service.http import HttpServer
 
     with pytest.raises(ValueError, match="requires --api-key"):
         HttpServer("0.0.0.0:0", None, rt)

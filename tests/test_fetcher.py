@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from moed.daemon.fetcher import MAX_UNWAITED, FetchError, Fetcher, ReadError, WorkerError
+from moed.daemon.io.fetcher import MAX_UNWAITED, Fetcher, FetchError, ReadError, WorkerError
 from moed.ipc import runtime, shm
 from moed.workers.reader import CHUNK, Reader, plan
 
@@ -231,7 +231,7 @@ def test_start_failure_is_clear_and_cleans_up(data, tmp_path):
 
 
 def test_workers_exit_when_supervisor_is_killed(data, tmp_path):
-    script = ("import os, signal, sys; from moed.daemon.fetcher import Fetcher; "
+    script = ("import os, signal, sys; from moed.daemon.io.fetcher import Fetcher; "
               "f = Fetcher(sys.argv[2:], workers=2, runtime_dir=sys.argv[1]).start(); "
               "f.read([(0, 0, 1000)]); print(os.getpid(), *f.pids, flush=True); "
               "os.kill(os.getpid(), signal.SIGKILL)")

@@ -10,8 +10,10 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model
 
-from moed.daemon.model import find_switches, load_paged, resolve_model
-from moed.workers.index import CheckpointError, TensorTable
+from moed.daemon.engine.checkpoint import resolve_model
+from moed.daemon.engine.index import CheckpointError, TensorTable
+from moed.daemon.engine.loader import load_paged
+from moed.daemon.engine.modules import find_switches
 
 
 def expert_layers(path):

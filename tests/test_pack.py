@@ -8,10 +8,11 @@ import shutil
 import numpy as np
 import pytest
 
-from moed.daemon.generate import SamplingParams, run
-from moed.daemon.model import expert_index, load_paged, load_resident
-from moed.daemon.pack import pack
-from moed.workers.index import PACK_DIR, PACK_INDEX, PAGE
+from moed.daemon.engine.checkpoint import expert_index
+from moed.daemon.engine.generate import SamplingParams, run
+from moed.daemon.engine.index import PACK_DIR, PACK_INDEX, PAGE
+from moed.daemon.engine.loader import load_paged, load_resident
+from moed.daemon.tools.pack import pack
 from moed.workers.reader import Reader, plan
 
 PROMPT = "Once upon a time, in a land of small memories and large models,"

@@ -4,8 +4,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from moed.daemon.generate import SamplingParams, run
-from moed.daemon.model import load_paged, load_resident
+from moed.daemon.engine.generate import SamplingParams, run
+from moed.daemon.engine.loader import load_paged, load_resident
 
 PROMPTS = [
     "The paged expert cache",

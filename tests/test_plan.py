@@ -9,8 +9,8 @@ import mlx.core as mx
 from daemon_util import env_for, moed
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from moed.daemon.model import load_paged
-from moed.daemon.plan import forecast, make_plan, measure_profile
+from moed.daemon.engine.loader import load_paged
+from moed.daemon.tools.plan import forecast, make_plan, measure_profile
 
 
 def test_plan_matches_the_loaded_model(tiny_model):

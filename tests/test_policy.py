@@ -1,4 +1,4 @@
-"""The offline cache-policy simulator (moed.daemon.policy): hand-checked traces, optimality, pinning."""
+"""The offline cache-policy simulator (moed.daemon.tools.policy): hand-checked traces, optimality, pinning."""
 
 import json
 
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from moed.daemon.cache import LayerSlots
-from moed.daemon.policy import (
+
+from moed.daemon.engine.slots import LayerSlots
+from moed.daemon.tools.policy import (
     LFU,
     LFUDA,
     LRU,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from moed.daemon.generate import SamplingParams, run
-from moed.daemon.model import load_resident
 from daemon_util import assert_nothing_left, env_for, moed, shm_of, status
+
+from moed.daemon.engine.generate import SamplingParams, run
+from moed.daemon.engine.loader import load_resident
 
 PROMPT = "The cache holds the experts that"
 

@@ -1,4 +1,4 @@
-"""Tests of the synthetic checkpoint writer (moed.daemon.synthetic)."""
+"""Tests of the synthetic checkpoint writer (moed.daemon.tools.synthetic)."""
 
 import hashlib
 import json
@@ -15,8 +15,8 @@ import pytest
 from mlx.utils import tree_flatten
 from safetensors import safe_open
 
-from moed.daemon import synthetic
-from moed.daemon.synthetic import ARCHS, GB, MB, is_expert_key, make_model
+from moed.daemon.tools import synthetic
+from moed.daemon.tools.synthetic import ARCHS, GB, MB, is_expert_key, make_model
 
 PROMPT = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -238,8 +238,8 @@ def test_peak_memory_bounded(tmp_path):
     # much less than the checkpoint size.
     script = textwrap.dedent(f"""
         import psutil
-        from moed.daemon import synthetic
-        from moed.daemon.generate import peak_rss_bytes
+        from moed.daemon.tools import synthetic
+        from moed.daemon.engine.generate import peak_rss_bytes
         before = psutil.Process().memory_info().rss
         synthetic.make_model({str(tmp_path / "m")!r}, "mixtral", "small", size_gb=0.25, progress=False)
         peak = peak_rss_bytes()

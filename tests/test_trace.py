@@ -2,11 +2,12 @@
 
 import numpy as np
 
-from moed.daemon.generate import SamplingParams, run
-from moed.daemon.iobench import miss_ranges, path_read, raw_read
-from moed.daemon.model import expert_index, load_paged, top_k_of
-from moed.daemon.policy import simulate, validate_trace
-from moed.daemon.trace import record_trace
+from moed.daemon.engine.checkpoint import expert_index, top_k_of
+from moed.daemon.engine.generate import SamplingParams, run
+from moed.daemon.engine.loader import load_paged
+from moed.daemon.tools.iobench import miss_ranges, path_read, raw_read
+from moed.daemon.tools.policy import simulate, validate_trace
+from moed.daemon.tools.trace import record_trace
 
 
 def test_trace_records_every_decode_visit_and_replays(tiny_models):

@@ -20,7 +20,8 @@ from rich.console import Console
 
 from moed.client import dashboard as dash
 from moed.client.client import DaemonDied
-from moed.client.top import KeyReader, Poller, Rates, Sample, Tracker, View
+from moed.client.top import KeyReader, Poller
+from moed.client.view import Rates, Sample, Tracker, View
 
 # ---------------------------------------------------------------------- fixed snapshots
 

@@ -20,23 +20,10 @@ import psutil
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.pipeline import PipelineMixin
 
-from moed.daemon.generate import peak_rss_bytes
+from moed.daemon.engine.generate import peak_rss_bytes
+from moed.daemon.engine.index import CheckpointError
 from moed.ipc import codec
 from moed.ipc.messages import RankStatus
-from moed.workers.index import CheckpointError
-
-
-def split_layers(net, group: mx.distributed.Group) -> tuple[int, int]:
-    """Keep only this rank's decoder layers (mlx-lm's pipeline split); returns [first, last)."""
-    stages = [m for _, m in net.named_modules() if isinstance(m, PipelineMixin)]
-    if not stages:
-        raise CheckpointError(f"{type(net).__module__.rsplit('.', 1)[-1]}: mlx-lm has no pipeline split for "
-                              "this architecture, so it cannot run on several ranks")
-    n_layers = len(stages[0].layers)
-    if n_layers < group.size():
-        raise ValueError(f"{group.size()} ranks for {n_layers} layers: at most one rank per layer")
-    stages[0].pipeline(group)
-    return stages[0].start_idx, stages[0].end_idx
 
 
 def settle() -> None:

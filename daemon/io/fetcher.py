@@ -35,9 +35,8 @@ import zmq
 
 from moed.ipc import shm
 from moed.ipc.codec import ProtocolError, decode, encode
-from moed.ipc.messages import (PROTOCOL_VERSION, Configure, Read, ReadDone, Ready, Shutdown)
-from moed.ipc.runtime import (endpoint_path, ipc_endpoint, remove_endpoint,
-                              remove_stale_endpoints, restrict_socket)
+from moed.ipc.messages import PROTOCOL_VERSION, Configure, Read, ReadDone, Ready, Shutdown
+from moed.ipc.runtime import endpoint_path, ipc_endpoint, remove_endpoint, remove_stale_endpoints, restrict_socket
 from moed.workers.reader import QUEUE_DEPTH
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from moed.daemon.core import EngineCore
-from moed.daemon.ranks import RankLink, rank_status
+from moed.daemon.dist.ranks import RankLink, rank_status
+from moed.daemon.engine.core import EngineCore
 from moed.ipc.messages import Generate, RankPlan, RankStatus
 
 GATHER_EVERY_S = 1.0  # how stale `moed ps` may show the other ranks while decoding

@@ -14,27 +14,15 @@ as the experts. Left out: the router's host sync per layer (measured ~8% on med)
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import psutil
 
-from moed.workers.index import DTYPE_BYTES, FLOATS, ExpertLayer, TensorTable
-
-RUNTIME_BYTES = 300 << 20  # Python + MLX + MLX's buffer cache cap, measured 160-260 MB over weights + cache
-WORKER_BYTES = 40 << 20  # RSS of one I/O worker process
-
-
-class DoesNotFit(ValueError):
-    """A configuration needs more memory than there is; the message has the figures."""
-
-
-def mb(n: float) -> str:
-    return f"{n / 1e6:,.0f} MB" if n >= 10e6 else f"{n / 1e6:.2f} MB"
+from moed.daemon.engine.budget import RUNTIME_BYTES, WORKER_BYTES, available_bytes
+from moed.daemon.engine.index import DTYPE_BYTES, FLOATS, ExpertLayer, TensorTable
 
 
 @dataclass
@@ -75,25 +63,10 @@ class Plan:
                 ("the rest", self.rest_bytes, "Python, MLX buffer cache, I/O workers")]
 
 
-def need_bytes(non_expert: int, cache: int, staging: int, workers: int, kv: int = 0) -> int:
-    return non_expert + cache + staging + kv + RUNTIME_BYTES + workers * WORKER_BYTES
 
 
-def available_bytes() -> int:
-    """Memory available now (`MOED_RAM_GB` overrides: plan for a smaller machine, or test)."""
-    override = os.environ.get("MOED_RAM_GB")
-    return int(float(override) * 1e9) if override else psutil.virtual_memory().available
 
 
-def check_fits(non_expert: int, cache: int, staging: int, workers: int) -> None:
-    """Raise DoesNotFit unless the model as configured fits in the memory available now."""
-    need = need_bytes(non_expert, cache, staging, workers)
-    available = available_bytes()
-    if need > available:
-        raise DoesNotFit(
-            f"this configuration needs {mb(need)} (non-expert weights {mb(non_expert)}, expert cache "
-            f"{mb(cache)}, staging {mb(staging)}, the rest {mb(need - non_expert - cache - staging)}) but "
-            f"{mb(available)} is available; use a smaller --cache-fraction/--cache-gb (see `moed plan`)")
 
 
 @dataclass(frozen=True)
@@ -112,7 +85,8 @@ def read_checkpoint(model: str | Path) -> Checkpoint:
     from mlx_lm.models.cache import KVCache, make_prompt_cache
     from mlx_lm.utils import load_model
 
-    from moed.daemon.model import find_switches, index_experts, resolve_model
+    from moed.daemon.engine.checkpoint import index_experts, resolve_model
+    from moed.daemon.engine.modules import find_switches
 
     path = resolve_model(model)
     net, config = load_model(path, lazy=True)
@@ -133,9 +107,10 @@ def make_plan(model: str | Path | Checkpoint, *, cache_fraction: float | None = 
               context: int | None = None, ram_gb: float | None = None, workers: int = 2,
               dtype: str | None = None, top_k: int | None = None) -> Plan:
     """The memory a configuration needs, from the headers only (pass a Checkpoint to read them once)."""
-    from moed.daemon.core import context_length
-    from moed.daemon.model import (DTYPES, auto_lookahead, cached_expert_nbytes, slots_per_layer, staging_bytes,
-                                   top_k_of)
+    from moed.daemon.engine.budget import auto_lookahead, cached_expert_nbytes, slots_per_layer, staging_bytes
+    from moed.daemon.engine.checkpoint import top_k_of
+    from moed.daemon.engine.core import context_length
+    from moed.daemon.engine.loader import DTYPES
 
     ck = model if isinstance(model, Checkpoint) else read_checkpoint(model)
     path, config, table, layers = ck.path, ck.config, ck.table, ck.layers
@@ -176,9 +151,9 @@ def measure_profile(model: str | Path | Checkpoint, read_mb: int = 256, dtype: s
     import mlx.nn as nn
     from mlx_lm.models.switch_layers import SwitchGLU
 
-    from moed.daemon.bench import drop_page_cache
-    from moed.daemon.iobench import coalesce, raw_read
-    from moed.daemon.model import DTYPES, top_k_of
+    from moed.daemon.engine.checkpoint import top_k_of
+    from moed.daemon.engine.loader import DTYPES
+    from moed.daemon.tools.iobench import coalesce, drop_page_cache, raw_read
 
     ck = model if isinstance(model, Checkpoint) else read_checkpoint(model)
     config, table, layers = ck.config, ck.table, ck.layers

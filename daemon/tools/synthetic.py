@@ -458,7 +458,11 @@ def _progress(enabled: bool, total: int, description: str):
         return contextlib.nullcontext(lambda n: None)
 
     from rich.progress import (
-        BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
         TransferSpeedColumn,
     )
 

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import psutil
 
-from moed.daemon.core import EngineCore, RequestRejected, context_length
-from moed.daemon.frontend import Disconnected, Frontend
+from moed.daemon.engine.core import EngineCore, RequestRejected, context_length
+from moed.daemon.service.frontend import Disconnected, Frontend
 from moed.ipc import shm
 from moed.ipc.connection import DaemonFiles, daemon_files, read_pid, remove_files, write_connection
 from moed.ipc.messages import Abort, Error, Finished, Generate, StopDaemon
@@ -40,7 +40,7 @@ class DaemonConfig:
     top_k: int | None = None
     packed: bool = True
     direct: bool = False
-    lookahead: bool | None = None  # None: moed.daemon.model.LOOKAHEAD_BELOW decides
+    lookahead: bool | None = None  # None: moed.daemon.engine.budget.LOOKAHEAD_BELOW decides
     max_batch: int = 8
     max_queue: int = 32
     http: str | None = None  # "HOST:PORT"
@@ -100,7 +100,7 @@ class Supervisor:
                                       "log": str(self.files.log)})
         try:
             if self.cfg.http:  # up while loading: /health answers 503 until ready
-                from moed.daemon.http import HttpServer
+                from moed.daemon.service.http import HttpServer
 
                 self.http = HttpServer(self.cfg.http, self.cfg.api_key, self.files.dir).start()
             self._load()
@@ -128,7 +128,7 @@ class Supervisor:
         self.pm = load_model(c, self.link, progress)
         self.core = new_core(c, self.pm, self.link)
         if self.link is not None:
-            from moed.daemon.lockstep import LockstepCore
+            from moed.daemon.dist.lockstep import LockstepCore
 
             progress("waiting for the other ranks", 0.99)
             self.core = LockstepCore(self.core, self.link, self.pm)
@@ -153,7 +153,7 @@ class Supervisor:
     # ------------------------------------------------------------------ the loop
 
     def _loop(self) -> None:
-        from moed.daemon.lockstep import RankFailed
+        from moed.daemon.dist.lockstep import RankFailed
 
         while not self._stopping.is_set():
             self._drain(block=not self.core.has_work())
@@ -260,7 +260,7 @@ class Supervisor:
                 "layer_range": list(pm.info["layer_range"]),
             })
             if self.link is not None and hasattr(self.core, "ranks"):
-                from moed.daemon.ranks import rank_status
+                from moed.daemon.dist.ranks import rank_status
 
                 snap["ranks"] = [asdict(s) for s in [rank_status(pm, 0), *self.core.ranks[1:]]]
         return snap
@@ -277,7 +277,7 @@ class Supervisor:
 
 def load_model(c: DaemonConfig, link, progress=None):
     """The paged model as configured (this rank's layers when split)."""
-    from moed.daemon.model import load_paged
+    from moed.daemon.engine.loader import load_paged
 
     return load_paged(c.model, cache_fraction=c.cache_fraction, cache_gb=c.cache_gb, workers=c.workers,
                       dtype=c.dtype, warm=c.warm, top_k=c.top_k, packed=c.packed, direct=c.direct,
@@ -295,7 +295,7 @@ def new_core(c: DaemonConfig, pm, link) -> EngineCore:
 
 def follower(cfg: DaemonConfig, link) -> int:
     """Ranks > 0: load this rank's layers, then replay rank 0's engine steps until it stops."""
-    from moed.daemon.lockstep import follow
+    from moed.daemon.dist.lockstep import follow
 
     pm = load_model(cfg, link)
     try:

@@ -19,8 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from moed.daemon.cache import CacheStats, LayerSlots
-from moed.workers.index import FLOATS, ExpertLayer, ExpertTensor
+from moed.daemon.engine.index import FLOATS, ExpertLayer, ExpertTensor
+from moed.daemon.engine.slots import CacheStats, LayerSlots
 
 MX_DTYPES = {
     "F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32,

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from moed.workers.index import PACK_DIR, PACK_INDEX, PAGE, ExpertLayer, source_fingerprint
+from moed.daemon.engine.index import PACK_DIR, PACK_INDEX, PAGE, ExpertLayer, source_fingerprint
 
 BLOCK_BYTES = 64 << 20  # records assembled per write
 
@@ -40,7 +40,7 @@ def _records(layer: ExpertLayer, fds: list[int], e0: int, e1: int, stride: int) 
 
 def pack(model: str | Path, progress: Callable[[str, float], None] | None = None) -> dict:
     """Write `<model>/moed-pack/` and verify it; returns a summary."""
-    from moed.daemon.model import expert_index, resolve_model
+    from moed.daemon.engine.checkpoint import expert_index, resolve_model
 
     report = progress or (lambda phase, done: None)
     path = resolve_model(model)

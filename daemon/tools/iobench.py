@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import subprocess
+import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -22,12 +24,28 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import psutil
 
-from moed.daemon.cache import LayerSlots
-from moed.daemon.fetcher import Fetcher
-from moed.workers.index import ExpertLayer
+from moed.daemon.engine.index import ExpertLayer
+from moed.daemon.engine.slots import LayerSlots
+from moed.daemon.io.fetcher import Fetcher
 from moed.workers.reader import DIRECT_ALIGN, envelope, open_file
 
 RAW_THREADS = 8
+
+
+def drop_page_cache() -> str:
+    """Empty the OS page cache; returns how (or why not)."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.sync()
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+            return "drop_caches"
+        except OSError as e:
+            return f"not dropped ({e.strerror})"
+    if sys.platform == "darwin":
+        r = subprocess.run(["purge"], capture_output=True)
+        return "purge" if r.returncode == 0 else "not dropped (purge needs root)"
+    return "not dropped"
 
 
 def miss_ranges(trace: dict, layers: list[ExpertLayer], fraction: float, top_k: int) -> list[list]:

@@ -1,6 +1,6 @@
 """`moed bench`: mlx-lm resident vs moed at several cache sizes, in one run, with provenance.
 
-Each measurement runs in a fresh process (`python -m moed.daemon.bench --one SPEC`), so peak RSS
+Each measurement runs in a fresh process (`python -m moed.daemon.tools.bench --one SPEC`), so peak RSS
 and the page cache state belong to that measurement alone.
 """
 
@@ -18,6 +18,8 @@ from pathlib import Path
 
 import psutil
 
+from moed.daemon.tools.iobench import drop_page_cache
+
 PROMPT_TEXT = (
     "The history of computing is a story of memory. Every generation of machines has been limited "
     "less by how fast it could calculate than by how much it could remember and how quickly it could "
@@ -34,28 +36,12 @@ def bench_prompt(tokenizer, n_tokens: int) -> list[int]:
     return ids[:n_tokens]
 
 
-def drop_page_cache() -> str:
-    """Empty the OS page cache; returns how (or why not)."""
-    if sys.platform.startswith("linux"):
-        try:
-            os.sync()
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("3\n")
-            return "drop_caches"
-        except OSError as e:
-            return f"not dropped ({e.strerror})"
-    if sys.platform == "darwin":
-        r = subprocess.run(["purge"], capture_output=True)
-        return "purge" if r.returncode == 0 else "not dropped (purge needs root)"
-    return "not dropped"
-
-
 def measure(spec: dict) -> dict:
     """One measurement, in this process: load, generate, report figures."""
     import mlx.core as mx
 
-    from moed.daemon.generate import SamplingParams, peak_rss_bytes, run
-    from moed.daemon.model import load_paged, load_resident
+    from moed.daemon.engine.generate import SamplingParams, peak_rss_bytes, run
+    from moed.daemon.engine.loader import load_paged, load_resident
 
     params = SamplingParams(max_tokens=spec["max_tokens"], temp=1.0 if spec["sampling"] == "random" else 0.0,
                             seed=spec["seed"], ignore_eos=True)
@@ -67,7 +53,7 @@ def measure(spec: dict) -> dict:
     if spec["engine"] == "plan":
         return plan_forecast(spec)
     if spec["engine"] == "lookahead":
-        from moed.daemon import recall
+        from moed.daemon.tools import recall
 
         return recall.measure(spec["model"], PROMPT_TEXT, params)
     if spec["engine"] == "mlx-lm":
@@ -111,7 +97,7 @@ def measure(spec: dict) -> dict:
 
 def plan_forecast(spec: dict) -> dict:
     """`moed plan`'s profile of this machine and its forecast for each cache size measured."""
-    from moed.daemon.plan import forecast, make_plan, measure_profile, read_checkpoint
+    from moed.daemon.tools.plan import forecast, make_plan, measure_profile, read_checkpoint
 
     ck = read_checkpoint(spec["model"])
     profile = measure_profile(ck, dtype=spec.get("dtype"))
@@ -128,7 +114,7 @@ def io_compare(files: list[str], visits: list[list], workers: int, direct: bool,
     a cold page cache, alternating `reps` times; medians and every repetition."""
     from statistics import median
 
-    from moed.daemon.iobench import coalesce, path_read, raw_read
+    from moed.daemon.tools.iobench import coalesce, path_read, raw_read
 
     nbytes = sum(n for v in visits for _, _, n in v)
     reads = [r for v in visits for r in coalesce(v)]
@@ -152,10 +138,10 @@ def io_probe(spec: dict) -> dict:
     """Record a routing trace, then raw parallel reads vs the fetch path on its misses, cold: for
     the stacked safetensors layout (buffered) and, when `moed pack` made one, the packed one
     (buffered, and direct: every byte from the disk)."""
-    from moed.daemon.generate import SamplingParams
-    from moed.daemon.iobench import RAW_THREADS, coalesce, miss_ranges, path_read, path_read_cpu
-    from moed.daemon.model import expert_index, top_k_of
-    from moed.daemon.trace import record_trace, save_trace
+    from moed.daemon.engine.checkpoint import expert_index, top_k_of
+    from moed.daemon.engine.generate import SamplingParams
+    from moed.daemon.tools.iobench import RAW_THREADS, coalesce, miss_ranges, path_read, path_read_cpu
+    from moed.daemon.tools.trace import record_trace, save_trace
 
     trace = record_trace(spec["model"], PROMPT_TEXT, SamplingParams(max_tokens=spec["max_tokens"], temp=1.0,
                                                                      seed=spec["seed"], ignore_eos=True),
@@ -215,8 +201,10 @@ def top_k_quality(spec: dict) -> dict:
     fixed prompts followed by the full model's own greedy continuation."""
     import mlx.core as mx
 
-    from moed.daemon.generate import SamplingParams, run
-    from moed.daemon.model import hidden_size_of, load_resident, set_top_k, top_k_of
+    from moed.daemon.engine.checkpoint import hidden_size_of, top_k_of
+    from moed.daemon.engine.generate import SamplingParams, run
+    from moed.daemon.engine.loader import load_resident
+    from moed.daemon.engine.modules import set_top_k
 
     model, tok = load_resident(spec["model"], spec.get("dtype"))
     config = json.loads((Path(spec["model"]) / "config.json").read_text())
@@ -307,7 +295,7 @@ def git_commit() -> dict:
 
 def run_one(spec: dict, cold: bool) -> dict:
     cold_method = drop_page_cache() if cold else "warm"
-    proc = subprocess.run([sys.executable, "-m", "moed.daemon.bench", "--one", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "moed.daemon.tools.bench", "--one", json.dumps(spec)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"bench run {spec} failed:\n{proc.stderr[-4000:]}")
@@ -507,7 +495,7 @@ def main(a) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from moed.daemon.model import resolve_model
+    from moed.daemon.engine.checkpoint import resolve_model
 
     console = Console(stderr=True)
     model = str(resolve_model(a.model))
@@ -608,4 +596,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--one":
         print(json.dumps(measure(json.loads(sys.argv[2]))))
     else:
-        sys.exit("usage: python -m moed.daemon.bench --one SPEC_JSON (use `moed bench`)")
+        sys.exit("usage: python -m moed.daemon.tools.bench --one SPEC_JSON (use `moed bench`)")

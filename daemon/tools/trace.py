@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from moed.daemon.generate import SamplingParams, run
-from moed.daemon.model import load_paged
+from moed.daemon.engine.generate import SamplingParams, run
+from moed.daemon.engine.loader import load_paged
 
 
 def record_trace(model: str, prompt: str, params: SamplingParams, workers: int = 2) -> dict:

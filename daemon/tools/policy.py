@@ -28,7 +28,7 @@ Layouts:
 - ``global``: one pool shared by all layers, as many slots as the per-layer pools together (the
   same memory), so at least the largest visit.
 
-Command line: ``python -m moed.daemon.policy TRACE.json [--fractions 0.1,0.25,0.5] [--out F.json]``.
+Command line: ``python -m moed.daemon.tools.policy TRACE.json [--fractions 0.1,0.25,0.5] [--out F.json]``.
 """
 
 from __future__ import annotations
@@ -561,7 +561,7 @@ def _names(s: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m moed.daemon.policy",
+    ap = argparse.ArgumentParser(prog="python -m moed.daemon.tools.policy",
                                  description="Replay a routing trace under expert-cache eviction policies.")
     ap.add_argument("trace", help="a moed-trace JSON file")
     ap.add_argument("--fractions", type=_floats, default=[0.1, 0.25, 0.5],

@@ -15,9 +15,11 @@ import json
 import mlx.core as mx
 import numpy as np
 
-from moed.daemon.generate import SamplingParams, run
-from moed.daemon.lookahead import block_routers, tap, untap
-from moed.daemon.model import find_switches, hidden_size_of, load_resident, resolve_model
+from moed.daemon.engine.checkpoint import hidden_size_of, resolve_model
+from moed.daemon.engine.generate import SamplingParams, run
+from moed.daemon.engine.loader import load_resident
+from moed.daemon.engine.lookahead import block_routers, tap, untap
+from moed.daemon.engine.modules import find_switches
 
 
 def _chosen(indices: mx.array) -> set[int]:

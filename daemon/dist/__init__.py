@@ -1,0 +1,1 @@
+"""One model across ranks: the link between ranks and the lockstep engine core."""

@@ -1,0 +1,179 @@
+"""Loading: an mlx-lm model with resident non-expert weights and paged experts.
+
+mlx-lm builds the model and loads the checkpoint lazily; every SwitchGLU/SwitchMLP then has its
+stacked expert tensors swapped for slot pools before anything is evaluated, so no expert byte is
+read at load. Works for every mlx-lm MoE architecture without per-model code.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.pipeline import PipelineMixin
+from mlx_lm.utils import load_config, load_model, load_tokenizer
+
+from moed.daemon.engine.budget import auto_lookahead, cached_expert_nbytes, check_fits, slots_per_layer, staging_bytes
+from moed.daemon.engine.checkpoint import hidden_size_of, index_experts, resolve_model, top_k_of
+from moed.daemon.engine.experts import ExpertStore, PagedSwitch
+from moed.daemon.engine.index import CheckpointError
+from moed.daemon.engine.lookahead import attach
+from moed.daemon.engine.modules import cast_floats, find_switches, set_module, set_top_k
+from moed.daemon.io.fetcher import Fetcher
+from moed.ipc.connection import daemon_files
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+MLX_CACHE_LIMIT = 256 << 20  # bytes of freed buffers MLX may keep for reuse
+
+
+def log(msg: str) -> None:
+    print(f"[moed] {msg}", file=sys.stderr, flush=True)
+
+
+def load_resident(path: str | Path, dtype: str | None = None, top_k: int | None = None):
+    """The reference: mlx-lm's own load, everything resident (with the same optional cast)."""
+    from mlx_lm import load
+
+    model, tokenizer = load(str(resolve_model(path)))
+    if dtype:
+        cast_floats(model, DTYPES[dtype])
+        mx.eval(model.parameters())
+    if top_k:
+        set_top_k(model, top_k, hidden_size_of(load_config(resolve_model(path))))
+    return model, tokenizer
+
+
+@dataclass
+class PagedModel:
+    model: nn.Module
+    tokenizer: object
+    config: dict
+    path: Path
+    store: ExpertStore
+    fetcher: Fetcher
+    non_expert_bytes: int
+    expert_bytes: int  # all experts on disk
+    top_k: int
+    info: dict = field(default_factory=dict)
+
+    def close(self) -> None:
+        self.fetcher.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def split_layers(net, group: mx.distributed.Group) -> tuple[int, int]:
+    """Keep only this rank's decoder layers (mlx-lm's pipeline split); returns [first, last)."""
+    stages = [m for _, m in net.named_modules() if isinstance(m, PipelineMixin)]
+    if not stages:
+        raise CheckpointError(f"{type(net).__module__.rsplit('.', 1)[-1]}: mlx-lm has no pipeline split for "
+                              "this architecture, so it cannot run on several ranks")
+    n_layers = len(stages[0].layers)
+    if n_layers < group.size():
+        raise ValueError(f"{group.size()} ranks for {n_layers} layers: at most one rank per layer")
+    stages[0].pipeline(group)
+    return stages[0].start_idx, stages[0].end_idx
+
+
+def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_gb: float | None = None,
+               workers: int = 2, dtype: str | None = None,
+               warm: bool = True, top_k: int | None = None,
+               progress: Callable[[str, float], None] | None = None,
+               group: mx.distributed.Group | None = None, packed: bool = True,
+               direct: bool = False, lookahead: bool | None = None) -> PagedModel:
+    """Load a checkpoint with resident non-expert weights and a bounded expert cache.
+
+    Args:
+        model: checkpoint directory or Hugging Face repo id in the local HF cache.
+        cache_fraction: share of each layer's experts to keep resident.
+        cache_gb: expert cache budget in GB (alternative to cache_fraction).
+        workers: I/O worker processes.
+        dtype: cast floating weights and scales to this dtype ("float32"), at load and as
+            experts are paged in.
+        warm: fill the cache before returning (else it fills on demand).
+        top_k: route each token to this many experts instead of the config's top-k.
+        progress: called with (phase, fraction done) as loading goes.
+        group: the ranks this model is split across (mlx-lm's pipeline split); this rank loads
+            and pages only its own layers.
+        packed: read experts from the checkpoint's `moed pack` store when it is current.
+        direct: read experts bypassing the page cache (O_DIRECT / F_NOCACHE).
+        lookahead: while decoding, read the next MoE layer's experts as predicted by its router
+            on this layer's input; None: when the cache holds at most LOOKAHEAD_BELOW of a layer.
+    """
+    report = progress or (lambda phase, done: None)
+    report("building the model", 0.0)
+    path = resolve_model(model)
+    cast = DTYPES[dtype] if dtype else None
+    mx.set_cache_limit(MLX_CACHE_LIMIT)
+    try:
+        net, config = load_model(path, lazy=True)
+    except (ValueError, KeyError) as e:  # mlx-lm's strict load names the bad tensor
+        raise CheckpointError(f"{path}: cannot load: {e}") from e
+    if cast is not None:
+        cast_floats(net, cast)  # lazy: expert tensors are cast too, but never evaluated
+    layer_range = (0, len(net.layers))
+    if group is not None and group.size() > 1:
+        layer_range = split_layers(net, group)  # the other layers' lazy weights are never read
+    switches = find_switches(net)
+    report("indexing experts", 0.05)
+    table, layers = index_experts(path, switches, packed)
+    if table.pack_note:
+        log(table.pack_note)
+    if top_k:
+        set_top_k(net, top_k, hidden_size_of(config))
+    top_k = top_k or top_k_of(config)
+    n_slots = slots_per_layer(layers, top_k, cast, cache_fraction, cache_gb)
+    if lookahead is None:
+        lookahead = auto_lookahead(n_slots, layers)
+    staging = staging_bytes(n_slots, layers, top_k, lookahead)
+    expert_params = tuple(p + "." for p, _ in switches)
+    resident = [v for k, v in tree_flatten(net.parameters()) if not k.startswith(expert_params)]
+    non_expert = sum(v.nbytes for v in resident)  # lazy: shapes only, nothing read yet
+    check_fits(non_expert, sum(n * cached_expert_nbytes(layer, cast) for n, layer in zip(n_slots, layers)),
+               staging, workers)
+    report("starting I/O workers", 0.1)
+    fetcher = Fetcher([str(f) for f in table.files], workers=workers, staging_bytes=staging,
+                      runtime_dir=daemon_files().dir, direct=direct).start()
+    try:
+        store = ExpertStore(layers, n_slots, fetcher, cast)
+        paged = []
+        for i, (p, m) in enumerate(switches):
+            params = [k for k, _ in tree_flatten(m.parameters())]
+            m.update(tree_unflatten([(k, pool.array) for k, pool in zip(params, store.pools[i])]))
+            paged.append(PagedSwitch(m, store, i))
+            set_module(net, p, paged[-1])
+        if lookahead:
+            ahead = attach(net, [p for p, _ in switches], hidden_size_of(config), log)
+            lookahead = ahead is not None
+            for here in paged if lookahead else ():
+                here.set_lookahead(ahead)
+        done = 0
+        for v in resident:  # reads the non-expert weights only
+            mx.eval(v)
+            done += v.nbytes
+            report("loading resident weights", 0.15 + 0.5 * done / max(1, non_expert))
+        warm_bytes = store.warm(progress=lambda f: report("warming the expert cache", 0.65 + 0.3 * f)) if warm else 0
+        report("loading the tokenizer", 0.95)
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except BaseException:
+        fetcher.close()
+        raise
+    expert_bytes = sum(layer.expert_nbytes * layer.num_experts for layer in layers)
+    report("ready", 1.0)
+    return PagedModel(net, tokenizer, config, path, store, fetcher, non_expert, expert_bytes, top_k,
+                      info={"moe_layers": len(layers), "slots_per_layer": n_slots,
+                            "experts_per_layer": [layer.num_experts for layer in layers],
+                            "cache_bytes": store.resident_bytes(), "warm_bytes": warm_bytes,
+                            "layer_range": layer_range, "packed": bool(table.packed),
+                            "lookahead": bool(lookahead)})
