@@ -11,27 +11,7 @@ import json
 import sys
 
 from moed.client import launch
-
-
-def _cache_args(p: argparse.ArgumentParser, reading: bool = True) -> None:
-    """The cache's size (and, with `reading`, how experts are read: not for `plan`)."""
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--cache-fraction", type=float, help="share of each layer's experts kept in RAM (0-1]")
-    g.add_argument("--cache-gb", type=float, help="expert cache budget in GB")
-    p.add_argument("--workers", type=int, default=2, help="I/O worker processes (default 2)")
-    p.add_argument("--dtype", choices=["float32"], help="cast bf16/fp16 weights and scales to float32")
-    p.add_argument("--top-k", type=int, help="route each token to K experts instead of the model's top-k")
-    if not reading:
-        return
-    p.add_argument("--no-warm", dest="warm", action="store_false",
-                   help="start with an empty expert cache (default: fill it at load)")
-    p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None,
-                   help="read the next layer's predicted experts while this layer computes "
-                        "(default: whenever a layer does not hold all its experts)")
-    p.add_argument("--direct", action="store_true",
-                   help="read experts bypassing the page cache (O_DIRECT on Linux, F_NOCACHE on macOS)")
-    p.add_argument("--no-pack", dest="packed", action="store_false",
-                   help="read experts from the safetensors shards even if `moed pack` made a packed store")
+from moed.ipc.config import PagingConfig
 
 
 def cmd_make_model(a: argparse.Namespace) -> int:
@@ -58,6 +38,7 @@ def _launched(a: argparse.Namespace) -> int | None:
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
+    from dataclasses import replace
     from functools import partial
 
     from rich.console import Console
@@ -66,12 +47,12 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from moed.daemon.engine.budget import mb
     from moed.daemon.tools.plan import forecast, largest_fraction, make_plan, measure_profile, read_checkpoint
 
+    paging = PagingConfig.from_args(a)
     ck = read_checkpoint(a.model)
-    plan_for = partial(make_plan, ck, context=a.context, ram_gb=a.ram, workers=a.workers, dtype=a.dtype,
-                       top_k=a.top_k)
-    plan = plan_for(cache_fraction=a.cache_fraction, cache_gb=a.cache_gb)
-    profile = measure_profile(ck, dtype=a.dtype) if a.measure else None
-    fits_at = largest_fraction(lambda f: plan_for(cache_fraction=f), plan.ram_bytes)
+    plan_for = partial(make_plan, ck, context=a.context, ram_gb=a.ram)
+    plan = plan_for(paging)
+    profile = measure_profile(ck, dtype=paging.dtype) if a.measure else None
+    fits_at = largest_fraction(lambda f: plan_for(replace(paging, cache_fraction=f, cache_gb=None)), plan.ram_bytes)
     if profile:
         plan.forecast = forecast(plan, profile)
     if a.json:
@@ -114,6 +95,7 @@ def cmd_pack(a: argparse.Namespace) -> int:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
+    paging = PagingConfig.from_args(a)  # refused here, before any rank starts
     if (code := _launched(a)) is not None:
         return code
     from dataclasses import asdict
@@ -124,10 +106,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     lk = link()
     rank = lk.rank if lk else 0
-    with load_paged(a.model, cache_fraction=a.cache_fraction, cache_gb=a.cache_gb,
-                    workers=a.workers, dtype=a.dtype, warm=a.warm, top_k=a.top_k,
-                    group=lk.group if lk else None, packed=a.packed, direct=a.direct,
-                    lookahead=a.lookahead) as pm:
+    with load_paged(a.model, paging, group=lk.group if lk else None) as pm:
         prompt = encode_prompt(pm.tokenizer, a.prompt, chat=a.chat)
         params = SamplingParams(max_tokens=a.max_tokens, temp=a.temp, seed=a.seed, ignore_eos=a.ignore_eos)
         echo = None if a.json or rank else (lambda t: print(t, end="", flush=True))
@@ -139,7 +118,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
                "bytes_read": sum(r["bytes_read"] for r in ranks) if ranks else st.bytes_read,
                "peak_rss_bytes": peak_rss_bytes(), "cache_bytes": pm.info["cache_bytes"],
                "non_expert_bytes": pm.non_expert_bytes, "expert_bytes": pm.expert_bytes,
-               "slots_per_layer": pm.info["slots_per_layer"], "workers": a.workers,
+               "slots_per_layer": pm.info["slots_per_layer"], "workers": paging.workers,
                "worker_pids": pm.fetcher.pids, "ranks": ranks}
     if rank:
         return 0
@@ -158,7 +137,7 @@ def cmd_trace(a: argparse.Namespace) -> int:
     from moed.daemon.tools.trace import record_trace, save_trace
 
     params = SamplingParams(max_tokens=a.max_tokens, temp=a.temp, seed=a.seed, ignore_eos=True)
-    trace = record_trace(a.model, a.prompt, params, workers=a.workers)
+    trace = record_trace(a.model, a.prompt, params, workers=PagingConfig.from_args(a).workers)
     save_trace(trace, a.out)
     print(f"wrote {a.out}: {trace['tokens']} tokens, {len(trace['steps'])} layer visits")
     return 0
@@ -195,14 +174,13 @@ def demo_model() -> str:
 
 def _daemon_args(a: argparse.Namespace) -> list[str]:
     """The `moed daemon` arguments equivalent to these `start` options."""
+    paging = PagingConfig.from_args(a)  # refused here, before a daemon starts
     model = demo_model() if a.demo else a.model
     if not model:
         raise ValueError("give --model DIR (or --demo)")
-    out = ["--model", model, "--workers", str(a.workers), "--max-batch", str(a.max_batch),
-           "--max-queue", str(a.max_queue)] + ([] if a.warm else ["--no-warm"]) + ([] if a.packed else ["--no-pack"]) + (["--direct"] if a.direct else []) + ({True: ["--lookahead"], False: ["--no-lookahead"]}.get(a.lookahead, []))
-    for flag, v in (("--cache-fraction", a.cache_fraction), ("--cache-gb", a.cache_gb), ("--dtype", a.dtype),
-                    ("--top-k", a.top_k),
-                    ("--http", a.http), ("--api-key", a.api_key)):
+    out = ["--model", model, *paging.to_argv(), "--max-batch", str(a.max_batch),
+           "--max-queue", str(a.max_queue)]
+    for flag, v in (("--http", a.http), ("--api-key", a.api_key)):
         if v is not None:
             out += [flag, str(v)]
     return out
@@ -215,6 +193,7 @@ def cmd_start(a: argparse.Namespace) -> int:
 
 
 def cmd_daemon(a: argparse.Namespace) -> int:
+    paging = PagingConfig.from_args(a)
     if (code := _launched(a)) is not None:
         return code
     from moed.daemon.dist.ranks import link
@@ -224,11 +203,7 @@ def cmd_daemon(a: argparse.Namespace) -> int:
     model = demo_model() if a.demo else a.model
     if not model:
         raise ValueError("give --model DIR (or --demo)")
-    return supervise(DaemonConfig(model=model, cache_fraction=a.cache_fraction, cache_gb=a.cache_gb,
-                                  workers=a.workers, dtype=a.dtype, warm=a.warm, top_k=a.top_k,
-                                  packed=a.packed, direct=a.direct, lookahead=a.lookahead,
-                                  max_batch=a.max_batch,
-                                  max_queue=a.max_queue,
+    return supervise(DaemonConfig(model=model, paging=paging, max_batch=a.max_batch, max_queue=a.max_queue,
                                   http=a.http, api_key=a.api_key), link())
 
 
@@ -239,14 +214,16 @@ def cmd_stop(a: argparse.Namespace) -> int:
 
 
 def cmd_ps(a: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from rich.console import Console
 
     from moed.client import control
     from moed.client.ps import ps_view
 
     snap = control.status()
-    if a.json:
-        print(json.dumps(snap))
+    if a.json:  # codec.from_plain(DaemonStatus, json.loads(...)) reads it back
+        print(json.dumps(asdict(snap)))
     else:
         Console().print(ps_view(snap))
     return 0
@@ -314,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--no-measure", dest="measure", action="store_false",
                     help="no forecast (skip measuring this machine's compute and disk)")
     pl.add_argument("--json", action="store_true")
-    _cache_args(pl, reading=False)
+    PagingConfig.add_args(pl, only=PagingConfig.sizing())  # and refuses the flags it would ignore
     pl.set_defaults(fn=cmd_plan)
 
     pk = sub.add_parser("pack", help="repack the experts into page-aligned records (one read per expert)")
@@ -330,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     g.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens (benchmarks)")
-    _cache_args(g)
+    PagingConfig.add_args(g)
     launch.add_rank_args(g)
     g.set_defaults(fn=cmd_generate)
 
@@ -341,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-tokens", type=int, default=256)
     tr.add_argument("--temp", type=float, default=1.0)
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--workers", type=int, default=2)
+    PagingConfig.add_args(tr, only=["workers"])  # the trace's cache is its own: the smallest
     tr.set_defaults(fn=cmd_trace)
     po = sub.add_parser("policy", help="replay a trace under LRU/LFU/LFUDA/Belady, per-layer or global pools")
     po.add_argument("trace")
@@ -356,8 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cold", action="store_true", help="drop the page cache before each run")
     b.add_argument("--max-tokens", type=int, default=64)
     b.add_argument("--prompt-tokens", type=int, default=32, help="length of the benchmark prompt")
-    b.add_argument("--workers", type=int, default=2)
-    b.add_argument("--dtype", choices=["float32"])
+    PagingConfig.add_args(b, only=["workers", "dtype"])  # the sweeps below set the others per run
     b.add_argument("--concurrency", help="e.g. 1,2,4: N concurrent streams through a daemon (first cache fraction)")
     b.add_argument("--lookahead", default="auto", help="comma list of auto, off, on (lookahead reads)")
     b.add_argument("--io", default="buffered", help="comma list of buffered, direct (O_DIRECT / F_NOCACHE reads)")
@@ -376,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         d = sub.add_parser(name, help=hlp)
         d.add_argument("--model", help="checkpoint dir or Hugging Face repo id (local cache)")
         d.add_argument("--demo", action="store_true", help="serve the tiny synthetic model (built on first use)")
-        _cache_args(d)
+        PagingConfig.add_args(d)
         d.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
         d.add_argument("--max-queue", type=int, default=32, help="requests admitted before rejecting (default 32)")
         d.add_argument("--http", metavar="HOST:PORT", help="serve the OpenAI-compatible API, e.g. 127.0.0.1:8000")

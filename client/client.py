@@ -24,8 +24,8 @@ import zmq.asyncio
 
 from moed.ipc.codec import ProtocolError, decode, encode
 from moed.ipc.connection import daemon_files, read_connection
-from moed.ipc.messages import (Abort, Error, Finished, Generate, Hello, Ping, Pong, Status, StatusQuery,
-                               StopDaemon, Token, Welcome)
+from moed.ipc.messages import (Abort, DaemonStatus, Error, Finished, Generate, Hello, Ping, Pong, Status,
+                               StatusQuery, StopDaemon, Token, Welcome)
 from moed.ipc.runtime import process_alive
 
 POLL_S = 0.2  # how often a waiting client checks the daemon is alive
@@ -185,7 +185,7 @@ class Client:
                 fin = ev
         return text, ids, fin
 
-    def status(self) -> dict:
+    def status(self) -> DaemonStatus:
         self._send(StatusQuery())
         return self._next(lambda m: isinstance(m, Status)).snapshot
 
@@ -207,7 +207,12 @@ class Client:
 
 
 class AsyncClient:
-    """The asyncio variant of Client (same protocol, same errors)."""
+    """The asyncio variant of Client (same protocol, same errors).
+
+    One connection, used by one event loop (its socket belongs to the loop that connected it);
+    any number of coroutines of that loop may generate and ask for status at once: every call has
+    its own id and its own queue or future, filled by one reader task.
+    """
 
     def __init__(self, runtime_dir: str | None = None, name: str = "python-async"):
         self.info = _connection(runtime_dir)
@@ -215,17 +220,19 @@ class AsyncClient:
         self._live = _Liveness(int(self.info["pid"]))
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = None
-        self._queues: dict[str, asyncio.Queue] = {}
-        self._status: asyncio.Future | None = None
+        self._queues: dict[str, asyncio.Queue] = {}  # generate's req_id -> its events
+        self._welcome: asyncio.Future | None = None
+        self._calls: dict[str, asyncio.Future] = {}  # status query id -> its answer
+        self._call_ids = itertools.count()
         self._reader: asyncio.Task | None = None
+        self._died: DaemonDied | None = None  # set by the reader when the daemon went away
         self.model = None
 
     async def connect(self) -> "AsyncClient":
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(self.info["endpoint"])
-        welcome = asyncio.get_running_loop().create_future()
-        self._status = welcome
+        welcome = self._welcome = asyncio.get_running_loop().create_future()
         await self._send(Hello(self.info["token"], self._name, os.getpid()))
         self._reader = asyncio.create_task(self._read())
         reply = await welcome
@@ -248,24 +255,37 @@ class AsyncClient:
                     except ProtocolError:
                         continue
                     self._live.heard()
-                    rid = getattr(msg, "req_id", None)
-                    if rid is not None and rid in self._queues:
-                        self._queues[rid].put_nowait(msg)
-                    elif isinstance(msg, (Welcome, Status, Error)) and self._status and not self._status.done():
-                        self._status.set_result(msg)
+                    self._route(msg)
                 elif self._live.check():
                     await self._send(Ping(next(self._live.seq)))
         except DaemonDied as e:
+            self._died = e
             for q in self._queues.values():
                 q.put_nowait(e)
-            if self._status and not self._status.done():
-                self._status.set_exception(e)
+            for fut in [self._welcome, *self._calls.values()]:
+                if fut is not None and not fut.done():
+                    fut.set_exception(e)
+
+    def _route(self, msg) -> None:
+        """One incoming message to the call waiting for it (a late answer to a cancelled call is dropped)."""
+        rid = getattr(msg, "req_id", None)
+        if rid is None:
+            if isinstance(msg, (Welcome, Error)) and self._welcome and not self._welcome.done():
+                self._welcome.set_result(msg)
+        elif isinstance(msg, Status) or rid not in self._queues:
+            fut = self._calls.pop(rid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        else:
+            self._queues[rid].put_nowait(msg)
 
     async def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
                        max_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.0,
                        seed: int | None = None, stop: list[str] | None = None,
                        req_id: str | None = None) -> AsyncIterator[Token | Finished]:
         req = _request(req_id, prompt, messages, max_tokens, temperature, top_p, seed, stop)
+        if self._died:
+            raise self._died
         q = self._queues[req.req_id] = asyncio.Queue()
         await self._send(req)
         done = False
@@ -279,10 +299,20 @@ class AsyncClient:
             if not done:
                 await self._send(Abort(req.req_id))
 
-    async def status(self) -> dict:
-        self._status = asyncio.get_running_loop().create_future()
-        await self._send(StatusQuery())
-        return (await self._status).snapshot
+    async def status(self) -> DaemonStatus:
+        """The daemon's status snapshot; concurrent calls each get their own answer."""
+        if self._died:
+            raise self._died
+        call = f"status-{next(self._call_ids)}"
+        fut = self._calls[call] = asyncio.get_running_loop().create_future()
+        try:
+            await self._send(StatusQuery(call))
+            reply = await fut
+        finally:
+            self._calls.pop(call, None)
+        if isinstance(reply, Error):
+            _raise_error(reply)
+        return reply.snapshot
 
     async def close(self) -> None:
         if self._reader:

@@ -21,6 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from moed.client import launch
 from moed.client.client import Client, DaemonNotRunning, MoedError
 from moed.ipc.connection import daemon_files, read_pid
+from moed.ipc.messages import DaemonStatus
 
 START_TIMEOUT_S = 600.0
 
@@ -64,19 +65,19 @@ def start(daemon_args: list[str], runtime_dir: str | None = None, quiet: bool = 
                 return 1
             snap = _try_status(runtime_dir)
             if snap is not None:
-                bar.update(task, description=snap["progress"]["phase"], completed=snap["progress"]["done"])
-                if snap["state"] == "ready":
+                bar.update(task, description=snap.progress.phase, completed=snap.progress.done)
+                if snap.state == "ready":
                     break
             time.sleep(0.1)
         else:
             console.print(f"[red]moed did not become ready in {START_TIMEOUT_S:.0f} s[/]; see {files.log}")
             return 1
-    ranks_note = f", {len(snap['ranks'])} ranks" if snap.get("ranks") else ""
-    console.print(f"moed ready (pid {snap['pid']}{ranks_note}): {snap['model']}  log: {files.log}")
+    ranks_note = f", {len(snap.ranks)} ranks" if snap.ranks else ""
+    console.print(f"moed ready (pid {snap.pid}{ranks_note}): {snap.model}  log: {files.log}")
     return 0
 
 
-def _try_status(runtime_dir) -> dict | None:
+def _try_status(runtime_dir) -> DaemonStatus | None:
     try:
         with Client(runtime_dir, name="moed start") as c:
             return c.status()
@@ -94,7 +95,7 @@ def stop(runtime_dir: str | None = None, timeout: float = 30.0) -> int:
     others = []  # the other ranks on this host, when the model is split
     try:
         with Client(runtime_dir, name="moed stop") as c:
-            others = [r["pid"] for r in c.status().get("ranks", [])[1:] if r["host"] == socket.gethostname()]
+            others = [r.pid for r in c.status().ranks[1:] if r.host == socket.gethostname()]
             c.stop_daemon()
     except MoedError:
         os.kill(pid, signal.SIGTERM)
@@ -109,7 +110,7 @@ def stop(runtime_dir: str | None = None, timeout: float = 30.0) -> int:
     return 0
 
 
-def status(runtime_dir: str | None = None) -> dict:
+def status(runtime_dir: str | None = None) -> DaemonStatus:
     with Client(runtime_dir, name="moed ps") as c:
         return c.status()
 

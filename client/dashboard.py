@@ -19,6 +19,7 @@ from rich.text import Text
 
 if TYPE_CHECKING:
     from moed.client.view import Series, View
+    from moed.ipc.messages import DaemonStatus
 
 SPARKS = "▁▂▃▄▅▆▇█"
 RESIDENT = "▫░▒▓█"  # resident experts, cold -> hot
@@ -28,8 +29,8 @@ MAX_HEAT_COLS = 64
 HEAT_OVERHEAD = 4 + 7 + 7 + 9  # heat map columns taken by: panel border+padding, layer label, hit rate, slots
 WIDE = 100  # from this width up, some panels sit side by side
 MAX_REQUEST_ROWS = 8
-MEMORY_PARTS = (("resident_weights", "weights", "█", "blue"), ("expert_cache", "expert cache", "▓", "magenta"),
-                ("kv_cache", "KV cache", "▒", "green"), ("other", "other", "░", "grey50"))
+MEMORY_PARTS = (("weights", "█", "blue"), ("expert cache", "▓", "magenta"), ("KV cache", "▒", "green"),
+                ("other", "░", "grey50"))  # MemoryStatus's resident_weights, expert_cache, kv_cache, other
 
 
 # ---------------------------------------------------------------------- formatting
@@ -116,53 +117,55 @@ def _kv(rows: list[tuple[str, RenderableType | str]]) -> Table:
 # ---------------------------------------------------------------------- panels
 
 
-def model_name(s: dict) -> str:
-    return os.path.basename(str(s.get("model") or "?").rstrip("/\\")) or str(s.get("model"))
+def model_name(s: DaemonStatus | None) -> str:
+    if s is None:
+        return "?"
+    return os.path.basename(s.model.rstrip("/\\")) or s.model
 
 
-def workers_text(s: dict) -> Text:
+def workers_text(s: DaemonStatus) -> Text:
     out = Text()
-    workers = s.get("workers") or []
-    alive = sum(1 for w in workers if w.get("alive"))
-    out.append(f"{alive}/{len(workers)} alive ", style="bold" if alive == len(workers) else "bold red")
-    for w in workers:
-        if w.get("alive"):
+    alive = sum(1 for w in s.workers if w.alive)
+    out.append(f"{alive}/{len(s.workers)} alive ", style="bold" if alive == len(s.workers) else "bold red")
+    for w in s.workers:
+        if w.alive:
             out.append(" ● ", style="green")
-            out.append(str(w.get("pid")))
+            out.append(str(w.pid))
         else:
             out.append(" ✗ ", style="bold red")
-            out.append(f"{w.get('pid')} dead", style="bold red")
-        if w.get("restarts"):
-            out.append(f" ↻{w['restarts']}", style="yellow")
-    respawns = (s.get("io") or {}).get("respawns")
-    if respawns:
-        out.append(f"  ({respawns} respawned)", style="yellow")
+            out.append(f"{w.pid} dead", style="bold red")
+        if w.restarts:
+            out.append(f" ↻{w.restarts}", style="yellow")
+    if s.io is not None and s.io.respawns:
+        out.append(f"  ({s.io.respawns} respawned)", style="yellow")
     return out
 
 
 def header_panel(view: "View") -> Panel:
     """Model, architecture, quantization, daemon state, cache budget and use, workers."""
     s = view.snapshot
-    cache = s.get("cache") or {}
-    experts = cache.get("experts_per_layer") or []
-    n_moe = len(experts)
-    shape = f"{n_moe} layers × {max(experts)} experts, top-{s.get('top_k', '?')}" if experts else ""
-    quant = s.get("quantization")
-    bits = f"{quant}-bit" if quant else ("unquantized" if "arch" in s else "")
-    model = Text.assemble((model_name(s), "bold"), "  ",
-                          (" · ".join(x for x in (s.get("arch") or "", bits, shape) if x), "cyan"))
-    daemon = (f"{s.get('state', '?')} · pid {s.get('pid', '?')} · up {fmt_duration(s.get('uptime_s', 0))} · "
-              f"RSS {fmt_bytes(s.get('rss_bytes'))} · {_plural(s.get('clients', 0), 'client')}"
-              + (f" · http {s['http']}" if s.get("http") else ""))
-    rows: list[tuple[str, RenderableType | str]] = [("model", model), ("daemon", daemon)]
-    if cache:
-        slots, used = sum(cache.get("slots_per_layer") or []), sum(cache.get("used_slots") or [])
-        total = s.get("expert_bytes") or 0
-        fits = f" ({cache.get('budget_bytes', 0) / total:.0%})" if total else ""
-        rows.append(("cache", f"{fmt_bytes(cache.get('budget_bytes'))} budget of {fmt_bytes(total)} experts{fits}"
-                              f" · {used}/{slots} slots used · non-expert {fmt_bytes(s.get('non_expert_bytes'))}"))
-    if "workers" in s:
-        rows.append(("workers", workers_text(s)))
+    rows: list[tuple[str, RenderableType | str]] = []
+    if s is None:
+        rows.append(("daemon", "no status yet"))
+    else:
+        ck, cache = s.checkpoint, s.cache
+        experts = cache.experts_per_layer if cache is not None else []
+        shape = f"{len(experts)} layers × {max(experts)} experts, top-{ck.top_k if ck else '?'}" if experts else ""
+        bits = "" if ck is None else f"{ck.quantization}-bit" if ck.quantization else "unquantized"
+        model = Text.assemble((model_name(s), "bold"), "  ",
+                              (" · ".join(x for x in (ck.arch if ck else "", bits, shape) if x), "cyan"))
+        daemon = (f"{s.state} · pid {s.pid} · up {fmt_duration(s.uptime_s)} · RSS {fmt_bytes(s.rss_bytes)} · "
+                  f"{_plural(s.clients, 'client')}" + (f" · http {s.http}" if s.http else ""))
+        rows += [("model", model), ("daemon", daemon)]
+        if cache is not None:
+            slots, used = sum(cache.slots_per_layer), sum(cache.used_slots)
+            total = ck.expert_bytes if ck else 0
+            fits = f" ({cache.budget_bytes / total:.0%})" if total else ""
+            rows.append(("cache", f"{fmt_bytes(cache.budget_bytes)} budget of {fmt_bytes(total)} experts{fits}"
+                                  f" · {used}/{slots} slots used · non-expert "
+                                  f"{fmt_bytes(ck.non_expert_bytes if ck else None)}"))
+        if s.workers:
+            rows.append(("workers", workers_text(s)))
     title = Text.assemble(("moed top", "bold"), f" · every {view.interval:g}s · q quits")
     return Panel(_kv(rows), title=title, title_align="left", border_style="blue")
 
@@ -170,11 +173,9 @@ def header_panel(view: "View") -> Panel:
 def loading_panel(view: "View", width: int = 100) -> Panel:
     """The model is still loading: its phase and progress."""
     s = view.snapshot
-    prog = s.get("progress") or {}
-    done = float(prog.get("done") or 0.0)
+    phase, done = (s.progress.phase, s.progress.done) if s is not None else ("waiting for the daemon", 0.0)
     bar = ProgressBar(total=1.0, completed=done, width=max(10, min(60, width - 30)))
-    body = Group(Text.assemble(("loading ", "bold yellow"), f"{prog.get('phase', s.get('state', '?'))}  ",
-                               (f"{done:.0%}", "bold")), bar)
+    body = Group(Text.assemble(("loading ", "bold yellow"), f"{phase}  ", (f"{done:.0%}", "bold")), bar)
     return Panel(body, title="loading", title_align="left", border_style="yellow")
 
 
@@ -183,9 +184,9 @@ def throughput_panel(view: "View", width: int = 100) -> Panel:
     s, r = view.snapshot, view.rates
     spark_w = max(8, width - 4 - 9 - 14)
     span = history_span(view, spark_w)
-    decoding = any(q.get("state") == "decoding" for q in s.get("requests") or [])
-    lines = [("decode", (s.get("decode_tps") or 0.0) if decoding else 0.0, "decode", "green"),
-             ("prefill", s.get("prefill_tps"), "prefill", "cyan"),
+    decoding = any(q.state == "decoding" for q in s.requests)
+    lines = [("decode", s.decode_tps if decoding else 0.0, "decode", "green"),
+             ("prefill", s.prefill_tps, "prefill", "cyan"),
              ("output", r.output_tps, "output", "magenta")]
     t = Table.grid(padding=(0, 1))
     t.add_column(style="bold", no_wrap=True, width=8)
@@ -194,10 +195,10 @@ def throughput_panel(view: "View", width: int = 100) -> Panel:
     for label, value, key, style in lines:
         t.add_row(label, fmt_tps(value), Text(sparkline(view.history.get(key, ()), view.now, spark_w, span),
                                               style=style))
-    tot = s.get("totals") or {}
-    foot = _kv([("tokens", f"{view.generated:,} tokens generated · {tot.get('prompt_tokens', 0):,} prompt"),
-                ("requests", f"{tot.get('requests', 0):,} ({tot.get('completed', 0):,} done, "
-                             f"{tot.get('rejected', 0):,} rejected, {tot.get('aborted', 0):,} aborted)")])
+    tot = s.totals
+    foot = _kv([("tokens", f"{view.generated:,} tokens generated · {tot.prompt_tokens:,} prompt"),
+                ("requests", f"{tot.requests:,} ({tot.completed:,} done, "
+                             f"{tot.rejected:,} rejected, {tot.aborted:,} aborted)")])
     return Panel(Group(t, foot), title=f"throughput · last {fmt_duration(span)}", title_align="left",
                  border_style="green")
 
@@ -205,33 +206,34 @@ def throughput_panel(view: "View", width: int = 100) -> Panel:
 def disk_panel(view: "View", width: int = 100) -> Panel:
     """Bytes read per token, read rate and speed, reads in flight, worker queue depths."""
     s, r = view.snapshot, view.rates
-    cache, io = s.get("cache") or {}, s.get("io") or {}
-    overall = cache.get("bytes_read", 0) / view.generated if view.generated else None
+    cache, io = s.cache, s.io
+    overall = cache.bytes_read / view.generated if view.generated else None
     spark_w = max(8, width - 4 - 10 - 12)
     span = history_span(view, spark_w)
     queues = Text()
-    for w in s.get("workers") or []:
-        queues.append(f"{w.get('pid')}: ", style="bold" if w.get("alive") else "bold red")
-        queues.append(f"{fmt_bytes(w.get('queued_bytes', 0))}  ", style="" if w.get("alive") else "red")
+    for w in s.workers:
+        queues.append(f"{w.pid}: ", style="bold" if w.alive else "bold red")
+        queues.append(f"{fmt_bytes(w.queued_bytes)}  ", style="" if w.alive else "red")
     read = Text(f"{fmt_rate(r.read_bps):>11} ")
     read.append(sparkline(view.history.get("read", ()), view.now, spark_w, span), style="yellow")
-    busy = io.get("in_flight", 0)
+    busy = io.in_flight
     rows = [("per token", f"{fmt_bytes(r.bytes_per_token)} now · {fmt_bytes(overall)} overall"),
             ("read", read),
             ("speed", f"{fmt_rate(r.read_bandwidth)} while reading"),
             ("disk wait", f"{fmt_pct(r.wait_fraction)} of the time"),
-            ("in flight", f"{busy} {'read' if busy == 1 else 'reads'} · {fmt_bytes(io.get('bytes_read'))} "
-                          f"in {io.get('reads', 0):,} reads"),
+            ("in flight", f"{busy} {'read' if busy == 1 else 'reads'} · {fmt_bytes(io.bytes_read)} "
+                          f"in {io.reads:,} reads"),
             ("queues", queues)]
     return Panel(_kv(rows), title="disk", title_align="left", border_style="yellow")
 
 
 def memory_panel(view: "View", width: int = 100) -> Panel:
     """RSS split into resident weights, expert cache, KV cache and the rest, as one bar."""
-    mem = view.snapshot.get("memory") or {}
-    rss = mem.get("rss") or view.snapshot.get("rss_bytes") or 0
+    mem = view.snapshot.memory
+    rss = mem.rss
     bar_w = max(10, width - 4 - 16)
-    parts = [(mem.get(k, 0) or 0, label, ch, style) for k, label, ch, style in MEMORY_PARTS]
+    sizes = (mem.resident_weights, mem.expert_cache, mem.kv_cache, mem.other)
+    parts = [(n, label, ch, style) for n, (label, ch, style) in zip(sizes, MEMORY_PARTS)]
     total = sum(p[0] for p in parts) or 1
     cells = [max(1, round(n / total * bar_w)) if n > 0 else 0 for n, *_ in parts]
     while sum(cells) > bar_w:  # the minimum of one cell a part may overshoot: take from the largest
@@ -248,8 +250,8 @@ def memory_panel(view: "View", width: int = 100) -> Panel:
 
 def requests_panel(view: "View", max_rows: int = MAX_REQUEST_ROWS) -> Panel:
     """Active requests: id, client, state, prompt and generated tokens, tok/s, age."""
-    reqs = view.snapshot.get("requests") or []
-    title = f"requests · {len(reqs)} active of {view.snapshot.get('max_queue', '?')}"
+    reqs = view.snapshot.requests if view.snapshot is not None else []
+    title = f"requests · {len(reqs)} active of {view.snapshot.max_queue if view.snapshot is not None else '?'}"
     if not reqs:
         return Panel(Text("idle: no active requests", style="dim"), title=title, title_align="left")
     t = Table(box=None, expand=True, header_style="bold", padding=(0, 1), pad_edge=False)
@@ -257,11 +259,8 @@ def requests_panel(view: "View", max_rows: int = MAX_REQUEST_ROWS) -> Panel:
                  ("tokens", "right"), ("tok/s", "right"), ("age", "right")):
         t.add_column(c, justify=j, no_wrap=True, overflow="ellipsis")
     for r in reqs[:max_rows]:
-        state = r.get("state", "?")
-        t.add_row(str(r.get("id", "")).split(":", 1)[-1], str(r.get("client", "")),
-                  Text(state, style="green" if state == "decoding" else "cyan"), str(r.get("prompt_tokens", "")),
-                  f"{r.get('tokens', 0)}/{r.get('max_tokens', '?')}", f"{r.get('tps', 0.0):.1f}",
-                  fmt_duration(r.get("age_s", 0)))
+        t.add_row(r.id.split(":", 1)[-1], r.client, Text(r.state, style="green" if r.state == "decoding" else "cyan"),
+                  str(r.prompt_tokens), f"{r.tokens}/{r.max_tokens}", f"{r.tps:.1f}", fmt_duration(r.age_s))
     parts: list[RenderableType] = [t]
     if len(reqs) > max_rows:
         parts.append(Text(f"… and {len(reqs) - max_rows} more", style="dim"))
@@ -290,8 +289,8 @@ def heat_rows(view: "View", width: int = 100,
     and whether that one is resident (a cold bucket is drawn resident if any of its experts is).
     Few experts get a space after each cell, so the grid is easier to read.
     """
-    heat = (view.snapshot.get("heat") or {})
-    values, resident = heat.get("values") or [], heat.get("resident") or []
+    heat = view.snapshot.heat
+    values, resident = (heat.values, heat.resident) if heat is not None else ([], [])
     n_layers = len(values)
     n_exp = max((len(r) for r in values), default=0)
     cols = max(8, min(MAX_HEAT_COLS, width - HEAT_OVERHEAD))
@@ -318,15 +317,14 @@ def heat_rows(view: "View", width: int = 100,
 
 def experts_panel(view: "View", width: int = 100, max_rows: int | None = None) -> Panel:
     """Cache hit rate overall and per layer, and the layer x expert heat map with residents marked."""
-    s, r = view.snapshot, view.rates
-    cache = s.get("cache") or {}
+    cache, r = view.snapshot.cache, view.rates
     rows, k, lk, cw = heat_rows(view, width, max_rows)
-    lh, lm = cache.get("layer_hits") or [], cache.get("layer_misses") or []
-    slots, used = cache.get("slots_per_layer") or [], cache.get("used_slots") or []
+    lh, lm = cache.layer_hits, cache.layer_misses
+    slots, used = cache.slots_per_layer, cache.used_slots
     recent = r.layer_hit_rate
-    summary = Text.assemble(("hit rate ", "bold"), (fmt_pct(cache.get("hit_rate")), "bold green"), " overall · ",
-                            (fmt_pct(r.hit_rate), "bold"), f" last {r.span_s:.0f}s · hits {cache.get('hits', 0):,}"
-                            f" · misses {cache.get('misses', 0):,}")
+    summary = Text.assemble(("hit rate ", "bold"), (fmt_pct(cache.hit_rate), "bold green"), " overall · ",
+                            (fmt_pct(r.hit_rate), "bold"), f" last {r.span_s:.0f}s · hits {cache.hits:,}"
+                            f" · misses {cache.misses:,}")
     grid = Table.grid(padding=(0, 1))
     grid.add_column(justify="right", no_wrap=True, style="bold")
     grid.add_column(justify="right", no_wrap=True)
@@ -399,7 +397,7 @@ def dashboard(view: "View", width: int = 100, height: int | None = None) -> Grou
     parts.append(header_panel(view))
     if view.loading:
         parts.append(loading_panel(view, width))
-        if view.snapshot.get("requests"):
+        if view.snapshot is not None and view.snapshot.requests:
             parts.append(requests_panel(view))
         return Group(*parts)
     wide = width >= WIDE
@@ -411,7 +409,7 @@ def dashboard(view: "View", width: int = 100, height: int | None = None) -> Grou
     experts = experts_panel(view, width)
     if height:  # bucket layers until the heat map fits under the rest
         room = height - 1 - lines(Group(*parts), width)
-        n_layers = len((view.snapshot.get("heat") or {}).get("values") or [])
+        n_layers = len(view.snapshot.heat.values)
         max_rows = n_layers
         while max_rows > 2 and lines(experts, width) > room:
             max_rows = min(max_rows - 1, math.ceil(n_layers / (math.ceil(n_layers / max_rows) + 1)))

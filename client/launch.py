@@ -1,7 +1,9 @@
 """`--ranks N` / `--hosts FILE`: re-run a moed command on every rank under `mlx.launch`.
 
 Light on purpose (no MLX import): the CLI builds the command line here; inside each rank
-daemon/ranks.py takes over.
+daemon/dist/ranks.py takes over. Every rank runs the command as typed (less --ranks/--hosts), so each
+parses the same options: the same PagingConfig (moed.ipc.config), checked once before the launch.
+`moed start --ranks` launches `moed daemon` with the arguments `start` built (PagingConfig.to_argv).
 """
 
 from __future__ import annotations

@@ -220,7 +220,7 @@ def main(interval: float = 0.5, runtime_dir: str | None = None, console: Console
         poller.stop()
         poller.join(3.0)
     if view is not None and view.error:
-        model = view.snapshot.get("model", "")
+        model = view.snapshot.model if view.snapshot is not None else ""
         print(f"moed top: the daemon went away ({view.error})" + (f"; it was serving {model}" if model else ""),
               file=sys.stderr)
         return 1

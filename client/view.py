@@ -8,6 +8,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 
+from moed.ipc.messages import DaemonStatus
+
 HISTORY_S = 300.0  # how far back the sparklines reach
 RATE_WINDOW_S = 2.0  # derived rates compare the newest sample with one about this old
 
@@ -32,15 +34,14 @@ class Sample:
     layer_misses: tuple[int, ...] = ()
 
     @classmethod
-    def of(cls, snap: dict, t: float) -> "Sample":
-        cache, io, totals = snap.get("cache") or {}, snap.get("io") or {}, snap.get("totals") or {}
-        active = sum(int(r.get("tokens", 0)) for r in snap.get("requests") or [])
-        return cls(t=t, pid=snap.get("pid"), generated=int(totals.get("completion_tokens", 0)) + active,
-                   prompt=int(totals.get("prompt_tokens", 0)), bytes_read=int(cache.get("bytes_read", 0)),
-                   read_s=float(io.get("read_seconds", 0.0)), wait_s=float(cache.get("read_seconds", 0.0)),
-                   hits=int(cache.get("hits", 0)), misses=int(cache.get("misses", 0)),
-                   layer_hits=tuple(cache.get("layer_hits") or ()),
-                   layer_misses=tuple(cache.get("layer_misses") or ()))
+    def of(cls, snap: DaemonStatus, t: float) -> "Sample":
+        cache, io = snap.cache, snap.io
+        return cls(t=t, pid=snap.pid, generated=snap.totals.completion_tokens + sum(r.tokens for r in snap.requests),
+                   prompt=snap.totals.prompt_tokens, bytes_read=cache.bytes_read if cache else 0,
+                   read_s=io.read_seconds if io else 0.0, wait_s=cache.read_seconds if cache else 0.0,
+                   hits=cache.hits if cache else 0, misses=cache.misses if cache else 0,
+                   layer_hits=tuple(cache.layer_hits) if cache else (),
+                   layer_misses=tuple(cache.layer_misses) if cache else ())
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -84,12 +85,12 @@ Series = tuple[tuple[float, float], ...]  # (monotonic time, value), oldest firs
 class View:
     """Everything the dashboard shows: the latest snapshot, derived rates, and history.
 
-    `snapshot` is the daemon's status dict as received ({} before the first answer); `history`
+    `snapshot` is the daemon's DaemonStatus as received (None before the first answer); `history`
     maps a series name ("decode", "prefill", "output", "read") to its recent points; `error` is set
     once the daemon is gone, and the dashboard then shows it and `moed top` exits non-zero.
     """
 
-    snapshot: dict = field(default_factory=dict)
+    snapshot: DaemonStatus | None = None
     rates: Rates = field(default_factory=Rates)
     history: dict[str, Series] = field(default_factory=dict)
     now: float = 0.0
@@ -101,7 +102,7 @@ class View:
 
     @property
     def loading(self) -> bool:
-        return self.snapshot.get("state") != "ready" or "cache" not in self.snapshot
+        return self.snapshot is None or not self.snapshot.loaded
 
 
 class Tracker:
@@ -123,7 +124,7 @@ class Tracker:
         self.polls = 0
         self.last = View(interval=interval, history_s=history_s)
 
-    def update(self, snap: dict, now: float | None = None) -> View:
+    def update(self, snap: DaemonStatus, now: float | None = None) -> View:
         now = time.monotonic() if now is None else now
         s = Sample.of(snap, now)
         if self.samples and s.pid != self.samples[-1].pid:
@@ -134,9 +135,8 @@ class Tracker:
         while len(self.samples) > 2 and now - self.samples[1].t >= self.rate_window_s:
             self.samples.popleft()
         rates = Rates.between(self.samples[0], s) if len(self.samples) > 1 else Rates()
-        decoding = any(r.get("state") == "decoding" for r in snap.get("requests") or [])
-        points = {"decode": float(snap.get("decode_tps") or 0.0) if decoding else 0.0,
-                  "prefill": float(snap.get("prefill_tps") or 0.0),
+        decoding = any(r.state == "decoding" for r in snap.requests)
+        points = {"decode": snap.decode_tps if decoding else 0.0, "prefill": snap.prefill_tps,
                   "output": rates.output_tps or 0.0, "read": rates.read_bps or 0.0}
         for k, v in points.items():
             h = self.history[k]

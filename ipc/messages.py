@@ -10,7 +10,7 @@ A message is a dataclass registered under a 1-byte type code; adding one is a de
 On the wire (see codec.py) a message is two frames: the type byte, then a msgpack array of its
 fields in declaration order. The annotations are the schema: the decoder checks every field.
 Field types: int, float, bool, str, bytes, None, X | None, list[X], tuple[X, ...],
-tuple[X, Y, ...] and dict[K, V].
+tuple[X, Y, ...], dict[K, V] and a dataclass (a nested struct: a msgpack map of its fields).
 
 Code ranges: 0x01-0x1f worker <-> supervisor; 0x20-0x5f daemon <-> client; 0x60-0x6f between
 ranks of a model split across processes or hosts (carried by mx.distributed, see daemon/ranks.py).
@@ -161,13 +161,14 @@ class Abort:
 @message(0x26)
 @dataclass(slots=True)
 class StatusQuery:
-    pass
+    req_id: str | None = None  # echoed in the Status, so concurrent queries each get their answer
 
 
 @message(0x27)
 @dataclass(slots=True)
 class Status:
-    snapshot: dict[str, Any]
+    snapshot: DaemonStatus
+    req_id: str | None = None  # the StatusQuery's
 
 
 @message(0x28)
@@ -194,6 +195,162 @@ class Pong:
 @dataclass(slots=True)
 class StopDaemon:
     pass
+
+
+# --- the status snapshot -----------------------------------------------------------------------
+# Status.snapshot is a DaemonStatus. The daemon's engine loop builds one at a fixed interval (and on
+# state changes) and the frontend's I/O thread serves the latest as it is; `moed ps`, `moed top`,
+# /metrics and /health read it. Nested structs travel as msgpack maps of their fields, decoded
+# strictly: every field present, no other, each of its type. `moed ps --json` prints
+# dataclasses.asdict of one; codec.from_plain(DaemonStatus, data) reads that back.
+
+
+@dataclass(slots=True)
+class LoadProgress:
+    phase: str  # e.g. "mapping experts"; "ready" once loaded
+    done: float  # 0..1
+
+
+@dataclass(slots=True)
+class RequestStatus:
+    id: str  # "<client identity hex>:<the client's req_id>"
+    client: str  # "<name>:<pid>" from the client's Hello
+    prompt_tokens: int
+    tokens: int  # generated so far
+    max_tokens: int
+    state: str  # "prefill" | "decoding"
+    tps: float  # this request's decode tok/s
+    age_s: float  # since it arrived
+
+
+@dataclass(slots=True)
+class Totals:
+    """Counters over the daemon's life."""
+
+    requests: int = 0  # admitted
+    completed: int = 0  # ended by a stop or the length limit
+    rejected: int = 0
+    aborted: int = 0
+    failed: int = 0  # ended by an error in a step
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # of finished requests
+    generated_tokens: int = 0
+    peak_active: int = 0
+
+
+@dataclass(slots=True)
+class EngineStatus:
+    """The engine core's part (EngineCore.snapshot()); a DaemonStatus holds these fields too."""
+
+    requests: list[RequestStatus]
+    decode_tps: float
+    prefill_tps: float
+    kv_cache_bytes: int
+    totals: Totals
+    max_queue: int
+    context: int | None  # tokens a request may span; None until loaded
+
+
+@dataclass(slots=True)
+class CheckpointStatus:
+    """What is loaded."""
+
+    arch: str  # model_type
+    quantization: int | None  # bits; None: not quantized
+    layers: int  # decoder layers of the model
+    top_k: int  # experts per token
+    non_expert_bytes: int  # resident (this rank's layers when split)
+    expert_bytes: int  # every expert, on disk
+    layer_range: tuple[int, int]  # decoder layers [first, last) this process holds
+
+
+@dataclass(slots=True)
+class CacheStatus:
+    """The expert cache: its slots per MoE layer and what it did."""
+
+    budget_bytes: int
+    slots_per_layer: list[int]
+    experts_per_layer: list[int]
+    used_slots: list[int]  # per MoE layer
+    hits: int
+    misses: int
+    hit_rate: float
+    bytes_read: int  # expert bytes paged in
+    read_seconds: float  # time the engine waited for them
+    prefetched: int  # experts read ahead by lookahead
+    prefetch_used: int  # of those, the ones the layer's routing then chose
+    layer_hits: list[int]
+    layer_misses: list[int]
+
+
+@dataclass(slots=True)
+class WorkerStatus:
+    pid: int
+    alive: bool
+    ready: bool  # connected (its Ready arrived)
+    queued_bytes: int  # bytes of its outstanding reads
+    restarts: int  # times its slot was respawned
+
+
+@dataclass(slots=True)
+class IoStatus:
+    """The I/O workers' reads and the read mode."""
+
+    read_calls: int
+    reads: int  # byte ranges
+    bytes_read: int
+    read_seconds: float  # wall time inside reads
+    respawns: int  # workers replaced over the daemon's life
+    in_flight: int  # workers with a read outstanding
+    packed: bool  # experts read from moed-pack/ (else the checkpoint's stacked tensors)
+    direct: bool  # O_DIRECT / F_NOCACHE (else through the page cache)
+    lookahead: bool  # the next MoE layer's experts read ahead
+
+
+@dataclass(slots=True)
+class HeatStatus:
+    """Per MoE layer: each expert's recent use, and which experts are resident."""
+
+    values: list[list[float]]
+    resident: list[list[int]]
+
+
+@dataclass(slots=True)
+class MemoryStatus:
+    """The daemon's RSS split into resident weights, expert cache, KV cache and the rest."""
+
+    rss: int
+    resident_weights: int
+    expert_cache: int
+    kv_cache: int
+    other: int
+
+
+@dataclass(slots=True)
+class DaemonStatus(EngineStatus):
+    """The daemon, whole: the engine core's fields (EngineStatus: requests, rates, counters), then
+    the daemon's own. While it loads there are no requests and the counters are 0; `checkpoint`,
+    `cache`, `io`, `heat` and `memory` are None until it is loaded."""
+
+    state: str  # "starting" | "loading" | "ready" | "stopping"
+    progress: LoadProgress
+    pid: int
+    uptime_s: float
+    model: str  # as given to --model
+    rss_bytes: int
+    http: str | None  # "HOST:PORT" of the HTTP API
+    clients: int  # connected
+    checkpoint: CheckpointStatus | None
+    cache: CacheStatus | None
+    workers: list[WorkerStatus]
+    io: IoStatus | None
+    heat: HeatStatus | None
+    memory: MemoryStatus | None
+    ranks: list[RankStatus]  # a model split across ranks: one each, rank 0 first; else empty
+
+    @property
+    def loaded(self) -> bool:
+        return self.state == "ready" and self.cache is not None
 
 
 # --- between ranks ------------------------------------------------------------------------------

@@ -13,18 +13,16 @@ import dataclasses
 import time
 
 from moed.daemon.dist.ranks import RankLink, rank_status
-from moed.daemon.engine.core import EngineCore
+from moed.daemon.engine.core import EngineCore, StepFailed
 from moed.ipc.messages import Generate, RankPlan, RankStatus
 
 GATHER_EVERY_S = 1.0  # how stale `moed ps` may show the other ranks while decoding
 
 
-class RankFailed(RuntimeError):
-    """A model step failed on a split model: the ranks can no longer agree, so all stop."""
-
-    def __init__(self, message: str, events: list = ()):
-        super().__init__(message)
-        self.events = list(events)  # the failed requests' Error events
+class RankFailed(StepFailed):
+    """A model step failed on a split model: the ranks can no longer agree, so all stop. Raised
+    from the step's StepFailed (chained: the cause and its traceback stay with it); `events` are
+    the failed requests' Error events."""
 
 
 class LockstepCore:
@@ -53,16 +51,19 @@ class LockstepCore:
         return [e for rid in list(self.core.requests) for e in self.abort(rid, "shutdown")]
 
     def step(self) -> list:
+        """One step on every rank; a failed step raises RankFailed (never the core's failure events)."""
         gather = time.monotonic() - self._gathered >= GATHER_EVERY_S
         self._send(RankPlan(self.ops, step=True, gather=gather))
-        failed = self.core.totals.get("failed", 0)
-        events = self.core.step()
-        if self.core.totals.get("failed", 0) != failed:
-            raise RankFailed(f"a step failed on rank 0: {events[0].message if events else '?'}", events)
+        try:
+            events = self.core.try_step()
+        except StepFailed as e:
+            raise RankFailed(f"a step failed on rank 0: {e}", e.events) from e
         if gather:
             self.ranks = self.link.gather(rank_status(self.pm, 0))
             self._gathered = time.monotonic()
         return events
+
+    try_step = step  # not the core's own (through __getattr__): a step runs on every rank
 
     def close(self) -> None:
         """Tell the other ranks to exit (after their last plan)."""
@@ -92,10 +93,10 @@ def follow(core: EngineCore, link: RankLink, pm) -> None:
         plan = link.broadcast()
         replay(core, plan)
         if plan.step:
-            failed = core.totals.get("failed", 0)
-            core.step()
-            if core.totals.get("failed", 0) != failed:
-                raise RankFailed(f"a step failed on rank {link.rank}")
+            try:
+                core.try_step()
+            except StepFailed as e:
+                raise RankFailed(f"a step failed on rank {link.rank}: {e}", e.events) from e
         if plan.gather:
             link.gather(rank_status(pm, link.rank))
         if plan.stop:

@@ -86,12 +86,8 @@ def slots_per_layer(layers: list[ExpertLayer], top_k: int, cast: mx.Dtype | None
         total = sum(p * layer.num_experts for p, layer in zip(per, layers))
         half_ram = psutil.virtual_memory().total // 2
         fraction, gb = (1.0, None) if total <= half_ram else (None, half_ram / 1e9)
-    if fraction is not None:
-        if not 0 < fraction <= 1:
-            raise ValueError(f"--cache-fraction must be in (0, 1], got {fraction}")
+    if fraction is not None:  # both checked by PagingConfig
         want = [round(fraction * layer.num_experts) for layer in layers]
     else:
-        if gb <= 0:
-            raise ValueError(f"--cache-gb must be positive, got {gb}")
         want = [int(gb * 1e9 / sum(per))] * len(layers)
     return [min(layer.num_experts, max(top_k, w)) for layer, w in zip(layers, want)]

@@ -3,6 +3,7 @@ figures, and the index of its experts' byte ranges (headers only)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -78,9 +79,24 @@ def index_experts(path: Path, switches: list[tuple[str, nn.Module]],
                    for p, m in switches]
 
 
+def lazy_model(path: Path) -> tuple[nn.Module, dict]:
+    """mlx-lm's model for the checkpoint at `path`, weights lazy (nothing read but headers); any
+    failure of mlx-lm to build it is a CheckpointError naming the architecture."""
+    try:
+        return load_model(path, lazy=True)
+    except Exception as e:  # mlx-lm's strict load names the bad tensor; its classes may raise anything
+        try:
+            config = json.loads((path / "config.json").read_text())
+            arch = config.get("model_type") or config.get("text_config", {}).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            arch = None
+        raise CheckpointError(f"{path}: mlx-lm cannot load this {arch or 'unknown'} checkpoint "
+                              f"({type(e).__name__}: {e})") from e
+
+
 def expert_index(model: str | Path, packed: bool = True) -> tuple[TensorTable, list[ExpertLayer], dict]:
     """Headers only: the expert index and config of a checkpoint (nothing is read but headers)."""
     path = resolve_model(model)
-    net, config = load_model(path, lazy=True)
+    net, config = lazy_model(path)
     table, layers = index_experts(path, find_switches(net), packed)
     return table, layers, config

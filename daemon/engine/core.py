@@ -7,6 +7,7 @@ paged model, so every MoE layer of a step loads the union of the batch's experts
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -15,9 +16,20 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
-from moed.ipc.messages import Error, Finished, Generate, Token
+from moed.ipc.messages import EngineStatus, Error, Finished, Generate, RequestStatus, Token, Totals
+
+log = logging.getLogger(__name__)
 
 THROUGHPUT_WINDOW_S = 60.0
+
+
+class StepFailed(RuntimeError):
+    """A model step raised: every request in it failed (`events`: their Error events) and the core
+    started a fresh generator, so it can go on. The cause is chained and its traceback logged."""
+
+    def __init__(self, message: str, events: list):
+        super().__init__(message)
+        self.events = events
 
 
 class RequestRejected(Exception):
@@ -148,11 +160,21 @@ class EngineCore:
         return bool(self.requests)
 
     def step(self) -> list:
-        """One model step for the whole batch; returns Token/Finished/Error events."""
+        """One model step for the whole batch; returns Token/Finished/Error events. A failed step
+        (e.g. an unreadable shard) fails its requests with Error("internal"), not the daemon."""
+        try:
+            return self.try_step()
+        except StepFailed as e:
+            return e.events
+
+    def try_step(self) -> list:
+        """Like step(), but a failed step raises StepFailed (a split model's ranks must all stop)."""
         try:
             responses = self.gen.next_generated()
-        except Exception as e:  # a failed step (e.g. an unreadable shard) fails the batch, not the daemon
-            return self._fail_all(e)
+        except Exception as e:
+            # users get the short typed error; the log keeps the cause
+            log.exception("moed engine: a step failed; failing its %d request(s)", len(self.requests))
+            raise StepFailed(f"generation failed: {e}", self._fail_all(e)) from e
         now = time.perf_counter()
         self.decoded.append((now, len(responses)))
         self.totals["generated_tokens"] += len(responses)
@@ -233,16 +255,17 @@ class EngineCore:
         c = self.gen._counters
         return c.prompt_tokens / c.prompt_time if c.prompt_time > 0 else 0.0
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> EngineStatus:
+        """The requests, rates and counters for the status (call it from the loop's thread)."""
         now = time.perf_counter()
         reqs = []
         for r in self.requests.values():
             dt = now - r.t_first if r.t_first else 0.0
-            reqs.append({"id": r.req_id, "client": r.client, "prompt_tokens": len(r.prompt_ids),
-                         "tokens": len(r.tokens), "max_tokens": r.max_tokens,
-                         "state": "decoding" if r.tokens else "prefill",
-                         "tps": (len(r.tokens) - 1) / dt if len(r.tokens) > 1 and dt > 0 else 0.0,
-                         "age_s": now - r.t_arrival})
-        return {"requests": reqs, "decode_tps": self.decode_tps(), "prefill_tps": self.prefill_tps(),
-                "kv_cache_bytes": self.gen.prompt_cache_nbytes, "totals": dict(self.totals),
-                "max_queue": self.max_queue, "context": self.context}
+            reqs.append(RequestStatus(id=r.req_id, client=r.client, prompt_tokens=len(r.prompt_ids),
+                                      tokens=len(r.tokens), max_tokens=r.max_tokens,
+                                      state="decoding" if r.tokens else "prefill",
+                                      tps=(len(r.tokens) - 1) / dt if len(r.tokens) > 1 and dt > 0 else 0.0,
+                                      age_s=now - r.t_arrival))
+        return EngineStatus(requests=reqs, decode_tps=self.decode_tps(), prefill_tps=self.prefill_tps(),
+                            kv_cache_bytes=self.gen.prompt_cache_nbytes, totals=Totals(**self.totals),
+                            max_queue=self.max_queue, context=self.context)

@@ -12,8 +12,9 @@ flight); the next layer settles that read before anything else.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -83,8 +84,109 @@ class TensorPool:
             self._host[slot][:] = np.frombuffer(data, dtype=np.float16)
 
 
+class Observer(Protocol):
+    """Told of the layer visits whose routing reached the host (see ExpertStore.observe).
+
+    `every_visit` True (a recording, e.g. `moed trace`): fully resident layers sync their routing
+    too, so no visit is missed, and lookahead is off. False (e.g. Heat): the fast path stays.
+    """
+
+    every_visit: bool
+
+    def visit(self, layer: int, experts: np.ndarray, decode: bool) -> None:
+        """`experts`: the visit's distinct experts; `decode`: one token per sequence (a decode step)."""
+
+
+class Heat:
+    """An observer: recent use per (layer, expert), decayed once per model step (at layer 0;
+    half-life ~14 steps). Fully resident layers take the fast path and are not counted.
+
+    Args:
+        num_experts: experts of each MoE layer.
+    """
+
+    every_visit = False
+
+    def __init__(self, num_experts: Sequence[int]):
+        self.values = np.zeros((len(num_experts), max(num_experts)), dtype=np.float32)
+
+    def visit(self, layer: int, experts: np.ndarray, decode: bool) -> None:
+        if layer == 0:
+            self.values *= HEAT_DECAY
+        self.values[layer, experts] += 1
+
+
+class Visit:
+    """One layer visit in progress, returned by `ExpertStore.load` (one per layer, reused).
+
+    Right away: `slots` (each (token, choice) pair's slot, shaped like the routing; -1 where its
+    expert is not resident yet), `ready` (the pairs whose slot is filled), `all_ready`, and
+    `groups` (None, or the experts split into groups that fit the slots: then `by_group()`
+    replaces `wait()`). Valid until `wait()`/`by_group()` or the layer's next `load`.
+    """
+
+    __slots__ = ("ahead", "all_ready", "experts", "groups", "idx", "layer", "ready", "slots", "store")
+
+    def __init__(self, store: ExpertStore, layer: int):
+        self.store, self.layer = store, layer
+        self.idx = None
+
+    def wait(self) -> np.ndarray:
+        """Finish the visit and return every pair's slot (shaped like the routing).
+
+        Accounts the visit, tells the observers, gives the missed experts slots and reads them,
+        queues the lookahead read of the next layer's `ahead` experts right behind, and copies the
+        misses into their slots once read. Call it after handing the ready pairs to MLX.
+        """
+        store, layer, idx = self.store, self.layer, self._take()
+        experts = self.experts if self.experts is not None else np.unique(idx)
+        store._notify(layer, idx, experts)
+        pending = store._begin(layer, experts)  # hits keep their slots
+        if self.ahead is not None:  # queued behind this layer's own read
+            store._prefetch(layer + 1, np.unique(np.array(self.ahead)))
+        store._finish(pending)
+        return self.slots if self.all_ready else store.slots[layer].lut[idx]
+
+    def by_group(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """More experts than slots (a long prompt on a small cache): one group at a time.
+
+        Yields (rows, slots): the flattened pairs of one group and every pair's slot while that
+        group is resident. The caller must evaluate the group's compute before asking for the next:
+        the next group overwrites these slots. No lookahead read.
+        """
+        store, layer, idx = self.store, self.layer, self._take()
+        store._notify(layer, idx, self.experts)
+        flat = idx.reshape(-1)
+        for group in self.groups:
+            lut = store.ensure(layer, group)
+            yield np.nonzero(np.isin(flat, group))[0], lut[flat]
+
+    def _take(self) -> np.ndarray:
+        idx, self.idx = self.idx, None
+        if idx is None:
+            raise RuntimeError(f"layer {self.layer}: visit already finished (one wait() per load())")
+        return idx
+
+
 class ExpertStore:
     """Slot pools, slot tables and the reader that fills them, for every MoE layer.
+
+    The paging protocol, per visit of a MoE layer (PagedSwitch is the caller):
+
+    1. `resident_lut(layer, pairs)`: when every expert of the layer is resident, the expert -> slot
+       LUT on the device to index the routing with, with no host sync (the `pairs` count as hits);
+       else None, and:
+    2. the caller syncs the routing to the host (the layer's one sync) and calls
+       `load(layer, idx, ahead=predicted)`, which only looks the pairs up and returns the layer's
+       `Visit`: the `ready` pairs have their `slots` now;
+    3. the caller hands the ready pairs to MLX (`mx.async_eval`), then calls `visit.wait()`, which
+       does the bookkeeping and reads the missed experts meanwhile, with the next layer's
+       lookahead read (`ahead`) queued behind, and returns every pair's slot. When `visit.groups`
+       (more experts than slots), `visit.by_group()` instead.
+
+    A lookahead read is settled (copied into its slots) by the next call of either kind, before
+    anything else, so no slot is computed with before its bytes have landed. Observers
+    (`observe`) are told of each visit that reached the host; with none, nothing is recorded.
 
     Args:
         layers: the index of each MoE layer's expert tensors.
@@ -101,89 +203,67 @@ class ExpertStore:
         self.slots = [LayerSlots(n, layer.num_experts) for layer, n in zip(layers, n_slots)]
         n = len(layers)
         self.stats = CacheStats(layer_hits=[0] * n, layer_misses=[0] * n)
-        self.trace: list | None = None  # (layer, experts) per decode visit, when recording a trace
-        self.ahead: Pending | None = None  # a lookahead read in flight
+        self.observers: list[Observer] = []
+        self.recording = False  # an observer wants every visit: no fast path, no lookahead
+        self._visits = [Visit(self, i) for i in range(n)]
+        self._device_luts: list[mx.array | None] = [None] * n  # each full layer's LUT on the device
+        self._ahead: Pending | None = None  # a lookahead read in flight
         self._predicted: tuple[int, set] = (-1, set())  # the last prefetch's layer and experts
-        # recent use per (layer, expert), decayed once per model step (half-life ~14 steps)
-        self.heat = np.zeros((n, max(layer.num_experts for layer in layers)), dtype=np.float32)
 
-    def ensure(self, layer: int, experts: np.ndarray) -> np.ndarray:
-        """Make `experts` (unique, at most the layer's slots) resident; return the layer's LUT."""
-        self.finish(self.begin(layer, experts))
-        return self.slots[layer].lut
+    # ------------------------------------------------------------------ the protocol
 
-    def prefetch(self, layer: int, experts: np.ndarray) -> None:
-        """Lookahead: give `experts` of `layer` slots and start reading the missed ones now; the
-        layer's own step settles the read first. Not counted as hits or misses."""
-        slots = self.slots[layer]
-        experts = experts[(experts >= 0) & (experts < self.layers[layer].num_experts)]
-        if self.ahead is not None or len(experts) > slots.n_slots:
-            return
-        _, filled = slots.assign(experts)
-        self._predicted = (layer, {e for e, _ in filled})
-        if filled:
-            self.ahead = self._submit(layer, filled)
-            self.stats.prefetched += len(filled)
-
-    def settle(self) -> None:
-        """Copy a lookahead read into its slots (before any other read or compute). A failed one
-        is dropped: it was a guess, and the layer's own read reports a real failure."""
-        if self.ahead is not None:
-            p, self.ahead = self.ahead, None
-            try:
-                self.finish(p)
-            except Exception:  # finish() has freed the slots
-                self.stats.prefetched -= len(p.filled)
-
-    def _submit(self, layer: int, filled: list[tuple[int, int]]) -> Pending:
-        ranges = [r for e, _ in filled for r in self.layers[layer].ranges(e)]
-        t0 = time.perf_counter()
-        try:
-            ticket = self.reader.submit(ranges)
-        except BaseException:
-            self.slots[layer].forget([e for e, _ in filled])
-            raise
-        return Pending(layer, filled, ranges, ticket, t0)
-
-    def begin(self, layer: int, experts: np.ndarray) -> Pending | None:
-        """Give `experts` slots and start reading the missed ones; None when all are resident."""
-        self.settle()
-        slots = self.slots[layer]
-        if self._predicted[0] == layer:
-            self.stats.prefetch_used += len(self._predicted[1].intersection(experts.tolist()))
-            self._predicted = (-1, set())
-        if layer == 0:
-            self.heat *= HEAT_DECAY
-        self.heat[layer, experts] += 1
-        hits, filled = slots.assign(experts)
-        self.stats.hits += hits
-        self.stats.misses += len(filled)
-        self.stats.layer_hits[layer] += hits
-        self.stats.layer_misses[layer] += len(filled)
-        if not filled:
+    def resident_lut(self, layer: int, pairs: int) -> mx.array | None:
+        """The fast path: the device LUT (expert -> slot) when every expert of `layer` is resident
+        and no observer wants every visit, the visit's `pairs` counted as hits; else None."""
+        self._settle()
+        if self.recording or not self.slots[layer].full:
             return None
-        return self._submit(layer, filled)
-
-    def count_resident(self, layer: int, pairs: int) -> None:
-        """Account a step of a fully resident layer (no routing reaches the host there)."""
+        lut = self._device_luts[layer]
+        if lut is None:
+            lut = self._device_luts[layer] = mx.array(self.slots[layer].lut)
         self.stats.hits += pairs
         self.stats.layer_hits[layer] += pairs
+        return lut
 
-    def finish(self, p: Pending | None) -> None:
-        """Wait for a begun read and copy the bytes into their slots."""
-        if p is None:
-            return
-        try:
-            views = self.reader.wait(p.ticket)
-        except BaseException:
-            self.slots[p.layer].forget([e for e, _ in p.filled])
-            raise
-        pools = self.pools[p.layer]
-        for i, (_, slot) in enumerate(p.filled):
-            for j, pool in enumerate(pools):
-                pool.write(slot, views[i * len(pools) + j])
-        self.stats.read_seconds += time.perf_counter() - p.t0
-        self.stats.bytes_read += sum(r[2] for r in p.ranges)
+    def load(self, layer: int, idx: np.ndarray, ahead=None) -> Visit:
+        """Begin a visit: look up the slots of the (token, choice) pairs routed to experts `idx`.
+
+        Args:
+            layer: the MoE layer.
+            idx: each pair's expert, on the host (the router's choice).
+            ahead: the next MoE layer's predicted experts (an array), read behind this layer's
+                misses by `Visit.wait()`; None: no lookahead.
+        """
+        self._settle()
+        v = self._visits[layer]
+        v.idx, v.ahead, v.experts, v.groups = idx, ahead, None, None
+        v.slots = self.slots[layer].lut[idx]
+        v.ready = v.slots >= 0
+        v.all_ready = bool(v.ready.all())
+        if not v.all_ready:
+            v.experts = np.unique(idx)
+            groups = self.slots[layer].groups(v.experts)
+            if len(groups) > 1:
+                v.groups = groups
+        return v
+
+    def observe(self, observer: Observer) -> Observer:
+        """Tell `observer` of every visit from now on (returns it)."""
+        self.observers.append(observer)
+        self.recording = any(o.every_visit for o in self.observers)
+        return observer
+
+    def unobserve(self, observer: Observer) -> None:
+        self.observers.remove(observer)
+        self.recording = any(o.every_visit for o in self.observers)
+
+    # ------------------------------------------------------------------ residency
+
+    def ensure(self, layer: int, experts: np.ndarray) -> np.ndarray:
+        """Make `experts` (unique, at most the layer's slots) resident; return the layer's LUT.
+        Counts hits and misses; not a visit (observers are not told)."""
+        self._finish(self._begin(layer, experts))
+        return self.slots[layer].lut
 
     def warm(self, order: list[np.ndarray] | None = None, progress=None) -> int:
         """Fill every slot before serving (the experts in `order` per layer, else the first ones).
@@ -199,8 +279,15 @@ class ExpertStore:
         total = self.stats.bytes_read
         n = len(self.slots)
         self.stats = CacheStats(layer_hits=[0] * n, layer_misses=[0] * n)
-        self.heat[:] = 0
         return total
+
+    def used_slots(self) -> list[int]:
+        """Filled slots per layer."""
+        return [s.used for s in self.slots]
+
+    def resident(self, layer: int) -> np.ndarray:
+        """The experts of `layer` that have a slot, ascending."""
+        return np.flatnonzero(self.slots[layer].lut >= 0)
 
     def evictions(self) -> int:
         return sum(s.evictions for s in self.slots)
@@ -209,9 +296,86 @@ class ExpertStore:
         """Bytes of the preallocated pools (the cache budget actually held)."""
         return sum(p.array.nbytes for pools in self.pools for p in pools)
 
+    # ------------------------------------------------------------------ internals
+
+    def _notify(self, layer: int, idx: np.ndarray, experts: np.ndarray) -> None:
+        if self.observers:
+            decode = idx.shape[-2] == 1
+            for o in self.observers:
+                o.visit(layer, experts, decode)
+
+    def _assign(self, layer: int, experts: np.ndarray) -> tuple[int, list[tuple[int, int]]]:
+        self._device_luts[layer] = None
+        return self.slots[layer].assign(experts)
+
+    def _prefetch(self, layer: int, experts: np.ndarray) -> None:
+        """Lookahead: give `experts` of `layer` slots and start reading the missed ones now; the
+        next call settles the read first. Not counted as hits or misses."""
+        experts = experts[(experts >= 0) & (experts < self.layers[layer].num_experts)]
+        if self._ahead is not None or len(experts) > self.slots[layer].n_slots:
+            return
+        _, filled = self._assign(layer, experts)
+        self._predicted = (layer, {e for e, _ in filled})
+        if filled:
+            self._ahead = self._submit(layer, filled)
+            self.stats.prefetched += len(filled)
+
+    def _settle(self) -> None:
+        """Copy a lookahead read into its slots (before any other read or compute). A failed one
+        is dropped: it was a guess, and the layer's own read reports a real failure."""
+        if self._ahead is not None:
+            p, self._ahead = self._ahead, None
+            try:
+                self._finish(p)
+            except Exception:  # _finish() has freed the slots
+                self.stats.prefetched -= len(p.filled)
+
+    def _submit(self, layer: int, filled: list[tuple[int, int]]) -> Pending:
+        ranges = [r for e, _ in filled for r in self.layers[layer].ranges(e)]
+        t0 = time.perf_counter()
+        try:
+            ticket = self.reader.submit(ranges)
+        except BaseException:
+            self.slots[layer].forget([e for e, _ in filled])
+            raise
+        return Pending(layer, filled, ranges, ticket, t0)
+
+    def _begin(self, layer: int, experts: np.ndarray) -> Pending | None:
+        """Give `experts` slots and start reading the missed ones; None when all are resident."""
+        self._settle()
+        if self._predicted[0] == layer:
+            self.stats.prefetch_used += len(self._predicted[1].intersection(experts.tolist()))
+            self._predicted = (-1, set())
+        hits, filled = self._assign(layer, experts)
+        self.stats.hits += hits
+        self.stats.misses += len(filled)
+        self.stats.layer_hits[layer] += hits
+        self.stats.layer_misses[layer] += len(filled)
+        if not filled:
+            return None
+        return self._submit(layer, filled)
+
+    def _finish(self, p: Pending | None) -> None:
+        """Wait for a begun read and copy the bytes into their slots."""
+        if p is None:
+            return
+        try:
+            views = self.reader.wait(p.ticket)
+        except BaseException:
+            self.slots[p.layer].forget([e for e, _ in p.filled])
+            raise
+        pools = self.pools[p.layer]
+        for i, (_, slot) in enumerate(p.filled):
+            for j, pool in enumerate(pools):
+                pool.write(slot, views[i * len(pools) + j])
+        self.stats.read_seconds += time.perf_counter() - p.t0
+        self.stats.bytes_read += sum(r[2] for r in p.ranges)
+
 
 class PagedSwitch(nn.Module):
     """Drop-in for SwitchGLU/SwitchMLP: same `(x, indices)` contract, experts paged from disk.
+
+    Each call is one visit of the store's paging protocol (see ExpertStore).
 
     Args:
         inner: the mlx-lm switch module whose expert tensors were replaced by pools.
@@ -234,7 +398,7 @@ class PagedSwitch(nn.Module):
         """The next MoE layer's experts for these tokens, by its block's routing on this layer's
         block input (decode steps only)."""
         la = self.lookahead
-        if la is None or la.off is not None or indices.shape[-2] != 1 or self.store.trace is not None:
+        if la is None or la.off is not None or indices.shape[-2] != 1 or self.store.recording:
             return None
         predicted = la.predict(self.layer)
         if predicted is None:
@@ -246,89 +410,61 @@ class PagedSwitch(nn.Module):
             return None
         return predicted
 
-    def _read_ahead(self, predicted: mx.array | None) -> None:
-        if predicted is not None:
-            self.store.prefetch(self.layer + 1, np.unique(np.array(predicted)))
-
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        self.store.settle()
-        slots = self.store.slots[self.layer]
-        if slots.used == len(slots.lut) and self.store.trace is None:  # all resident: no paging, no sync
-            if slots.device_lut is None:
-                slots.device_lut = mx.array(slots.lut)
-            self.store.count_resident(self.layer, indices.size)
-            return self.inner(x, slots.device_lut[indices])
+        lut = self.store.resident_lut(self.layer, indices.size)
+        if lut is not None:  # all resident: no paging, no sync
+            return self.inner(x, lut[indices])
         predicted = self._predict(indices)
-        idx = np.array(indices)  # the one host sync of this layer: the router's choice
-        at = slots.lut[idx]  # each pair's slot; -1 where its expert is not resident
-        resident = at >= 0
-        if resident.all():  # compute first: the bookkeeping runs while MLX does
-            y = self.inner(x, mx.array(at))
+        # np.array: the one host sync of this layer, the router's choice
+        visit = self.store.load(self.layer, np.array(indices), ahead=predicted)
+        if visit.all_ready:  # compute first: the bookkeeping runs while MLX does
+            y = self.inner(x, mx.array(visit.slots))
             mx.async_eval(y)
-            self._account(idx)
-            self._read_ahead(predicted)
+            visit.wait()
             return y
-        experts = np.unique(idx)
-        groups = slots.groups(experts)
-        if len(groups) > 1:
-            self._record(idx, experts)
-            return self._by_group(x, idx, groups)
-        return self._overlapped(x, idx, at.reshape(-1), resident.reshape(-1), experts, predicted)
-
-    def _record(self, idx: np.ndarray, experts: np.ndarray) -> None:
-        if self.store.trace is not None and idx.shape[-2] == 1:  # decode steps only
-            self.store.trace.append((self.layer, experts.tolist()))
-
-    def _account(self, idx: np.ndarray) -> None:
-        """A step whose experts were all resident: hits, recency and heat only."""
-        experts = np.unique(idx)
-        self._record(idx, experts)
-        self.store.begin(self.layer, experts)
+        if visit.groups is not None:
+            return self._by_group(x, visit)
+        return self._overlapped(x, visit)
 
     def _rows(self, xf: mx.array, at: np.ndarray, rows: np.ndarray, k: int) -> mx.array:
         """The expert outputs of the (token, choice) pairs `rows` of the flattened pairs, whose
         experts sit in slots `at`."""
         return self.inner(xf[mx.array(rows // k)], mx.array(at[rows])[:, None])[:, 0]
 
-    def _overlapped(self, x: mx.array, idx: np.ndarray, at: np.ndarray, resident: np.ndarray,
-                    experts: np.ndarray, predicted: mx.array | None) -> mx.array:
+    def _overlapped(self, x: mx.array, visit: Visit) -> mx.array:
         """Start computing the resident pairs, then read the missed experts meanwhile, with the
         next layer's lookahead read right behind (it runs while the misses compute)."""
-        k, flat = idx.shape[-1], idx.reshape(-1)
+        shape = visit.slots.shape
+        k = shape[-1]
         xf = x.reshape(-1, x.shape[-1])
-        hit_rows, miss_rows = np.flatnonzero(resident), np.flatnonzero(~resident)
+        ready = visit.ready.reshape(-1)
+        hit_rows, miss_rows = np.flatnonzero(ready), np.flatnonzero(~ready)
         y_hit = None
         if len(hit_rows):
-            y_hit = self._rows(xf, at, hit_rows, k)
+            y_hit = self._rows(xf, visit.slots.reshape(-1), hit_rows, k)
             mx.async_eval(y_hit)  # runs while the workers read the misses
-        self._record(idx, experts)
-        pending = self.store.begin(self.layer, experts)  # hits keep their slots
-        self._read_ahead(predicted)  # queued behind this layer's own read
-        self.store.finish(pending)
-        lut = self.store.slots[self.layer].lut
+        at = visit.wait()
         if y_hit is None:
-            y = self.inner(x, mx.array(lut[idx]))
+            y = self.inner(x, mx.array(at))
         else:
-            y = mx.concatenate([y_hit, self._rows(xf, lut[flat], miss_rows, k)])
-            y = y[mx.array(np.argsort(np.concatenate([hit_rows, miss_rows])))].reshape(*idx.shape, -1)
+            y = mx.concatenate([y_hit, self._rows(xf, at.reshape(-1), miss_rows, k)])
+            y = y[mx.array(np.argsort(np.concatenate([hit_rows, miss_rows])))].reshape(*shape, -1)
         mx.async_eval(y)  # computes while the next layer's graph is built
         return y
 
-    def _by_group(self, x: mx.array, idx: np.ndarray, groups: list[np.ndarray]) -> mx.array:
+    def _by_group(self, x: mx.array, visit: Visit) -> mx.array:
         """More experts than slots (a long prompt on a small cache): one group at a time.
 
         Each (token, choice) pair is computed exactly once, with its expert resident.
         """
-        k, flat = idx.shape[-1], idx.reshape(-1)
+        shape = visit.slots.shape
         xf = x.reshape(-1, x.shape[-1])
         pieces, order = [], []
-        for group in groups:
-            lut = self.store.ensure(self.layer, group)
-            sel = np.nonzero(np.isin(flat, group))[0]
-            y = self._rows(xf, lut[flat], sel, k)
+        for rows, at in visit.by_group():
+            y = self._rows(xf, at, rows, shape[-1])
             mx.eval(y)  # the next group overwrites these slots
             pieces.append(y)
-            order.append(sel)
+            order.append(rows)
         inverse = np.argsort(np.concatenate(order))
         y = mx.concatenate(pieces)[mx.array(inverse)]
-        return y.reshape(*idx.shape, y.shape[-1])
+        return y.reshape(*shape, y.shape[-1])

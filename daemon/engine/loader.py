@@ -8,23 +8,24 @@ read at load. Works for every mlx-lm MoE architecture without per-model code.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.pipeline import PipelineMixin
-from mlx_lm.utils import load_config, load_model, load_tokenizer
+from mlx_lm.utils import load_config, load_tokenizer
 
 from moed.daemon.engine.budget import auto_lookahead, cached_expert_nbytes, check_fits, slots_per_layer, staging_bytes
-from moed.daemon.engine.checkpoint import hidden_size_of, index_experts, resolve_model, top_k_of
+from moed.daemon.engine.checkpoint import hidden_size_of, index_experts, lazy_model, resolve_model, top_k_of
 from moed.daemon.engine.experts import ExpertStore, PagedSwitch
 from moed.daemon.engine.index import CheckpointError
 from moed.daemon.engine.lookahead import attach
 from moed.daemon.engine.modules import cast_floats, find_switches, set_module, set_top_k
 from moed.daemon.io.fetcher import Fetcher
+from moed.ipc.config import PagingConfig
 from moed.ipc.connection import daemon_files
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -86,40 +87,27 @@ def split_layers(net, group: mx.distributed.Group) -> tuple[int, int]:
     return stages[0].start_idx, stages[0].end_idx
 
 
-def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_gb: float | None = None,
-               workers: int = 2, dtype: str | None = None,
-               warm: bool = True, top_k: int | None = None,
+def load_paged(model: str | Path, paging: PagingConfig | None = None, *,
                progress: Callable[[str, float], None] | None = None,
-               group: mx.distributed.Group | None = None, packed: bool = True,
-               direct: bool = False, lookahead: bool | None = None) -> PagedModel:
+               group: mx.distributed.Group | None = None, **options: Any) -> PagedModel:
     """Load a checkpoint with resident non-expert weights and a bounded expert cache.
 
     Args:
         model: checkpoint directory or Hugging Face repo id in the local HF cache.
-        cache_fraction: share of each layer's experts to keep resident.
-        cache_gb: expert cache budget in GB (alternative to cache_fraction).
-        workers: I/O worker processes.
-        dtype: cast floating weights and scales to this dtype ("float32"), at load and as
-            experts are paged in.
-        warm: fill the cache before returning (else it fills on demand).
-        top_k: route each token to this many experts instead of the config's top-k.
+        paging: the cache's size and how experts are read (moed.ipc.config.PagingConfig, which
+            documents each option); default: PagingConfig().
         progress: called with (phase, fraction done) as loading goes.
         group: the ranks this model is split across (mlx-lm's pipeline split); this rank loads
             and pages only its own layers.
-        packed: read experts from the checkpoint's `moed pack` store when it is current.
-        direct: read experts bypassing the page cache (O_DIRECT / F_NOCACHE).
-        lookahead: while decoding, read the next MoE layer's experts as predicted by its router
-            on this layer's input; None: when the cache holds at most LOOKAHEAD_BELOW of a layer.
+        **options: PagingConfig fields set over `paging`: `load_paged(path, cache_fraction=0.25)`.
     """
+    paging = replace(paging or PagingConfig(), **options)  # validated: a bad value names its flag
     report = progress or (lambda phase, done: None)
     report("building the model", 0.0)
     path = resolve_model(model)
-    cast = DTYPES[dtype] if dtype else None
+    cast = DTYPES[paging.dtype] if paging.dtype else None
     mx.set_cache_limit(MLX_CACHE_LIMIT)
-    try:
-        net, config = load_model(path, lazy=True)
-    except (ValueError, KeyError) as e:  # mlx-lm's strict load names the bad tensor
-        raise CheckpointError(f"{path}: cannot load: {e}") from e
+    net, config = lazy_model(path)
     if cast is not None:
         cast_floats(net, cast)  # lazy: expert tensors are cast too, but never evaluated
     layer_range = (0, len(net.layers))
@@ -127,24 +115,23 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
         layer_range = split_layers(net, group)  # the other layers' lazy weights are never read
     switches = find_switches(net)
     report("indexing experts", 0.05)
-    table, layers = index_experts(path, switches, packed)
+    table, layers = index_experts(path, switches, paging.packed)
     if table.pack_note:
         log(table.pack_note)
-    if top_k:
-        set_top_k(net, top_k, hidden_size_of(config))
-    top_k = top_k or top_k_of(config)
-    n_slots = slots_per_layer(layers, top_k, cast, cache_fraction, cache_gb)
-    if lookahead is None:
-        lookahead = auto_lookahead(n_slots, layers)
+    if paging.top_k:
+        set_top_k(net, paging.top_k, hidden_size_of(config))
+    top_k = paging.top_k or top_k_of(config)
+    n_slots = slots_per_layer(layers, top_k, cast, paging.cache_fraction, paging.cache_gb)
+    lookahead = auto_lookahead(n_slots, layers) if paging.lookahead is None else paging.lookahead
     staging = staging_bytes(n_slots, layers, top_k, lookahead)
     expert_params = tuple(p + "." for p, _ in switches)
     resident = [v for k, v in tree_flatten(net.parameters()) if not k.startswith(expert_params)]
     non_expert = sum(v.nbytes for v in resident)  # lazy: shapes only, nothing read yet
     check_fits(non_expert, sum(n * cached_expert_nbytes(layer, cast) for n, layer in zip(n_slots, layers)),
-               staging, workers)
+               staging, paging.workers)
     report("starting I/O workers", 0.1)
-    fetcher = Fetcher([str(f) for f in table.files], workers=workers, staging_bytes=staging,
-                      runtime_dir=daemon_files().dir, direct=direct).start()
+    fetcher = Fetcher([str(f) for f in table.files], workers=paging.workers, staging_bytes=staging,
+                      runtime_dir=daemon_files().dir, direct=paging.direct).start()
     try:
         store = ExpertStore(layers, n_slots, fetcher, cast)
         paged = []
@@ -163,7 +150,8 @@ def load_paged(model: str | Path, *, cache_fraction: float | None = None, cache_
             mx.eval(v)
             done += v.nbytes
             report("loading resident weights", 0.15 + 0.5 * done / max(1, non_expert))
-        warm_bytes = store.warm(progress=lambda f: report("warming the expert cache", 0.65 + 0.3 * f)) if warm else 0
+        warm_bytes = (store.warm(progress=lambda f: report("warming the expert cache", 0.65 + 0.3 * f))
+                      if paging.warm else 0)
         report("loading the tokenizer", 0.95)
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     except BaseException:

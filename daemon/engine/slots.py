@@ -52,7 +52,6 @@ class LayerSlots:
         self._lru: OrderedDict[int, int] = OrderedDict()  # expert -> slot, oldest first
         self._free = list(range(n_slots - 1, -1, -1))
         self.evictions = 0
-        self.device_lut = None  # an MLX copy of `lut`, set by the paged layer while all experts are resident
 
     def groups(self, experts: np.ndarray) -> list[np.ndarray]:
         """Split a layer's needed experts into groups that fit the pool at once.
@@ -70,7 +69,6 @@ class LayerSlots:
 
         Returns the number of hits and the misses as (expert, slot) pairs to be filled.
         """
-        self.device_lut = None
         misses, hits = [], 0
         for e in experts.tolist():
             if self.lut[e] >= 0:
@@ -102,3 +100,8 @@ class LayerSlots:
     @property
     def used(self) -> int:
         return len(self._lru)
+
+    @property
+    def full(self) -> bool:
+        """Every expert of the layer has a slot."""
+        return len(self._lru) == len(self.lut)

@@ -12,7 +12,9 @@ every worker handles its Reads in order.
 
 Liveness, as in the ZeroMQ guide's Paranoid Pirate: any message from a worker resets its clock;
 a worker with a Read outstanding that stays silent for `liveness` heartbeat intervals is killed.
-An exited worker is noticed by Popen.poll() within DEATH_CHECK_S (at once if sending to it fails).
+An exited worker is noticed by Popen.poll() within DEATH_CHECK_S (at once if sending to it fails);
+between reads the owner calls poll() (the daemon's loop does, a few times a second even when idle),
+so a worker that dies while nothing is read is reaped and replaced too, not left a zombie.
 Either way the slot gets a new process and the outstanding Read is sent again, so read() still
 returns correct bytes. A slot that fails MAX_RESTARTS times within one read() raises WorkerError
 and closes the fetcher. A failed read (EOF, I/O error) raises ReadError; the fetcher stays usable.
@@ -105,7 +107,8 @@ class _Worker:
     last_seen: float = 0.0
     pending: list[Read] = field(default_factory=list)  # sent, not answered, oldest first
     sent_at: float = 0.0
-    restarts: int = 0
+    restarts: int = 0  # within the current read() (see MAX_RESTARTS)
+    respawns: int = 0  # of this slot over the fetcher's life
 
 
 @dataclass(eq=False)
@@ -230,10 +233,25 @@ class Fetcher:
         self.close()
 
     def worker_states(self) -> list[dict]:
-        """Per worker: pid, alive, queued bytes (its outstanding Read), restarts (for status)."""
+        """Per worker: pid, alive, queued bytes (its outstanding Read), restarts (times its slot was
+        respawned over the fetcher's life), for status."""
         return [{"pid": w.proc.pid, "alive": w.proc.poll() is None, "ready": w.identity is not None,
                  "queued_bytes": sum(it[2] for r in w.pending for it in r.items),
-                 "restarts": w.restarts} for w in list(self._workers)]
+                 "restarts": w.respawns} for w in list(self._workers)]
+
+    def poll(self) -> None:
+        """Between reads: handle what the workers sent (Ready, heartbeats) and replace exited or
+        silent workers, reaping the dead. Never blocks; call it from the thread that reads (the
+        daemon's loop calls it a few times a second). A slot that keeps dying (MAX_RESTARTS times
+        since the last read) raises WorkerError and closes the fetcher."""
+        if self._closed or self._res is None:
+            return
+        try:
+            self._pump(block=False)
+            self._check_liveness()
+        except WorkerError:
+            self.close()
+            raise
 
     @property
     def pids(self) -> list[int]:
@@ -441,7 +459,7 @@ class Fetcher:
         w.lifeline.close()
         self._by_identity.pop(w.identity, None)
         new = self._spawn(w.slot)
-        new.pending, new.restarts = list(w.pending), w.restarts + 1
+        new.pending, new.restarts, new.respawns = list(w.pending), w.restarts + 1, w.respawns + 1
         self._res.workers[w.slot] = new
         self.stats.respawns += 1
 
@@ -454,12 +472,13 @@ class Fetcher:
             self._pump()
             self._check_liveness()
 
-    def _pump(self) -> None:
-        """Wait up to DEATH_CHECK_S for traffic and handle everything that arrived. A blocking
-        recv wakes faster than a poll + recv; exited workers are found by _check_liveness."""
+    def _pump(self, block: bool = True) -> None:
+        """Wait up to DEATH_CHECK_S for traffic (not at all unless `block`) and handle everything
+        that arrived. A blocking recv wakes faster than a poll + recv; exited workers are found by
+        _check_liveness."""
         router = self._res.router
         try:
-            frames = router.recv_multipart()
+            frames = router.recv_multipart(0 if block else zmq.NOBLOCK)
         except zmq.Again:
             return
         while True:

@@ -2,29 +2,46 @@
 
 The engine loop never touches the socket: it takes `(client, message)` from `inbox` and hands
 replies to `send`, which queues them and wakes the I/O thread through a pipe. The I/O thread
-authenticates clients (Hello with the token), answers Ping and StatusQuery itself so a busy engine
-still looks alive, turns malformed frames into Error replies, and reports clients whose process
+authenticates clients (Hello with the token), answers Ping and StatusQuery itself (with the status
+the engine loop last published) so a busy engine still looks alive, turns malformed frames into Error replies, and reports clients whose process
 has exited (the pid they gave in Hello; the socket is local) so their requests get aborted.
+
+Sockets that can fill up are bounded and say so. The ROUTER sends with ROUTER_MANDATORY, so a
+client whose pipe is full (SNDHWM) is told, not silently skipped: what it has not taken yet waits
+in its own queue, tried again every RETRY_S. A Token that finds that queue full (CLIENT_QUEUE) is
+not sent: its request is aborted, and its stream ends with Error("too_slow") when the client reads
+again, after the tokens it did get, never with a hole in the middle. Other clients are unaffected.
+Replies and stream ends still queue up to twice CLIENT_QUEUE; past that the client is dropped as if
+it had exited (its requests aborted).
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
 import zmq
 
 from moed.ipc.codec import ProtocolError, decode, encode
-from moed.ipc.messages import Error, Hello, Ping, Pong, Status, StatusQuery, Welcome
+from moed.ipc.messages import (Abort, DaemonStatus, Error, Finished, Hello, Ping, Pong, Status, StatusQuery, Token,
+                               Welcome)
 from moed.ipc.runtime import process_alive, restrict_socket
+
+log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 8 << 20
 CLIENT_CHECK_S = 0.5  # how often the pids of connected clients are checked
+SNDHWM = 1000  # messages the socket holds for one client before it reports the client full
+SNDBUF = 0  # kernel send buffer of a client's connection, bytes (0: the OS default)
+CLIENT_QUEUE = 1024  # messages held for one client whose socket is full (see the module docstring)
+RETRY_S = 0.01  # how often a client with queued messages is tried again
 
 
 
@@ -40,21 +57,31 @@ class Frontend:
         endpoint: where to bind, e.g. ipc://.../daemon.sock.
         token: the secret a client must present in Hello.
         model: name sent in Welcome.
-        status: returns the latest status snapshot (called from the I/O thread).
+        status: returns the latest published DaemonStatus (called from the I/O thread, so it must
+            only read what the engine loop stored; the snapshot is sent as it is).
     """
 
-    def __init__(self, endpoint: str, token: str, model: str, status: Callable[[], dict]):
+    def __init__(self, endpoint: str, token: str, model: str, status: Callable[[], DaemonStatus]):
         self.endpoint, self._token, self.model, self._status = endpoint, token, model, status
-        self.inbox: queue.Queue = queue.Queue()  # (client identity, message | Disconnected)
+        # (client identity, message | Disconnected). A SimpleQueue: its put is reentrant, so the
+        # supervisor's signal handler may use it to wake the loop that is blocked in its get.
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.clients: dict[bytes, str] = {}  # authenticated identity -> client name
         self._pids: dict[bytes, int] = {}  # authenticated identity -> client pid
-        self._out: queue.Queue = queue.Queue()
+        self._out: queue.SimpleQueue = queue.SimpleQueue()  # from send(), for the I/O thread
+        self.client_queue = CLIENT_QUEUE
+        self._queued: dict[bytes, deque] = {}  # client -> encoded messages its full socket did not take
+        self._lost: dict[bytes, dict[str, int]] = {}  # client -> req_id -> tokens not sent (aborted)
         self._wake_r, self._wake_w = os.pipe()
         self._stop = threading.Event()
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 500)
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full or vanished client raises, not drops
+        self._sock.setsockopt(zmq.SNDHWM, SNDHWM)
+        if SNDBUF > 0:
+            self._sock.setsockopt(zmq.SNDBUF, SNDBUF)
         self._sock.bind(endpoint)
         restrict_socket(endpoint)
         self._thread = threading.Thread(target=self._run, name="moed-frontend", daemon=True)
@@ -87,14 +114,16 @@ class Frontend:
         poller.register(self._wake_r, zmq.POLLIN)
         checked = time.monotonic()
         while True:
-            events = dict(poller.poll(int(CLIENT_CHECK_S * 1000)))
+            events = dict(poller.poll(int((RETRY_S if self._queued else CLIENT_CHECK_S) * 1000)))
             if time.monotonic() - checked > CLIENT_CHECK_S:
                 self._check_clients()
                 checked = time.monotonic()
             if self._wake_r in events:
                 os.read(self._wake_r, 4096)
+            self._retry()
             self._flush()
             if self._stop.is_set():
+                self._retry()
                 return
             if self._sock in events:
                 while self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
@@ -109,17 +138,80 @@ class Frontend:
             self._emit(client, msg)
 
     def _emit(self, client: bytes, msg) -> None:
+        """Send to a client now, or queue it behind what the client has not taken yet."""
+        if self._lost.get(client) and (msg := self._settle(client, msg)) is None:
+            return
+        q = self._queued.get(client)
+        if q is None:
+            if self._send(client, encode(msg)) or client not in self.clients:
+                return  # sent, gone, or not authenticated (only authenticated clients get a queue)
+            q = self._queued[client] = deque()
+        self._enqueue(client, q, msg)
+
+    def _settle(self, client: bytes, msg):
+        """A message of a request being aborted for want of room: a later Token is dropped (it would
+        leave a hole), the end of the stream becomes Error("too_slow")."""
+        lost, rid = self._lost[client], getattr(msg, "req_id", None)
+        if rid not in lost:
+            return msg
+        if isinstance(msg, Token):
+            lost[rid] += 1
+            return None
+        if isinstance(msg, (Finished, Error)):
+            n = lost.pop(rid)
+            if not lost:
+                del self._lost[client]
+            if isinstance(msg, Finished):
+                return Error(rid, "too_slow", f"the client did not read its stream: {n} token(s) found its "
+                                              f"queue full ({self.client_queue} messages); the request was aborted")
+        return msg
+
+    def _enqueue(self, client: bytes, q: deque, msg) -> None:
+        if isinstance(msg, Token) and len(q) >= self.client_queue:
+            self._lost.setdefault(client, {})[msg.req_id] = 1
+            self.inbox.put((client, Abort(msg.req_id)))  # the engine stops it; its Finished comes back
+            return
+        if len(q) >= 2 * self.client_queue:  # not even replies fit: it sends without ever reading
+            log.warning("moed frontend: dropping client %s: %d messages queued, none taken",
+                        self.clients.get(client, client.hex()), len(q))
+            self._forget(client)
+            return
+        q.append(encode(msg))
+
+    def _retry(self) -> None:
+        """Send what clients' full sockets did not take, oldest first, until full again."""
+        for client, q in list(self._queued.items()):
+            while q and self._send(client, q[0]):
+                if q:  # (emptied if the client turned out to be gone)
+                    q.popleft()
+            if not q:
+                self._queued.pop(client, None)
+
+    def _send(self, client: bytes, frames: list) -> bool:
+        """True once the socket took the message, or the client is gone; False if its pipe is full."""
         try:
-            self._sock.send_multipart([client, *encode(msg)], flags=zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass  # the client is gone or not reading; its requests are aborted on disconnect
+            self._sock.send_multipart([client, *frames], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                log.warning("moed frontend: cannot send to %s: %s", client.hex(), e)
+            self._forget(client)  # its socket went away: abort its requests now
+        return True
+
+    def _forget(self, client: bytes) -> None:
+        """A client that exited, vanished or was dropped: its requests are aborted."""
+        if (q := self._queued.pop(client, None)) is not None:
+            q.clear()
+        self._lost.pop(client, None)
+        self._pids.pop(client, None)
+        if self.clients.pop(client, None) is not None:
+            self.inbox.put((client, Disconnected()))
 
     def _check_clients(self) -> None:
         for client, pid in list(self._pids.items()):
             if not process_alive(pid):
-                del self._pids[client]
-                self.clients.pop(client, None)
-                self.inbox.put((client, Disconnected()))
+                self._forget(client)
 
     def _on_frames(self, frames: list[bytes]) -> None:
         client, body = frames[0], frames[1:]
@@ -140,6 +232,6 @@ class Frontend:
         elif isinstance(msg, Ping):
             self._emit(client, Pong(msg.seq))
         elif isinstance(msg, StatusQuery):
-            self._emit(client, Status(self._status()))
+            self._emit(client, Status(self._status(), msg.req_id))
         else:
             self.inbox.put((client, msg))

@@ -7,12 +7,14 @@ path (batching, limits, aborts on disconnect). Also /health (503 while loading) 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
 import threading
 import time
 import uuid
+from dataclasses import asdict
 
 import uvicorn
 from starlette.applications import Starlette
@@ -21,7 +23,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from moed.client.client import AsyncClient, DaemonDied, RequestRejected
-from moed.ipc.messages import Finished, Token
+from moed.ipc.messages import DaemonStatus, Finished, Token
 
 MAX_BODY_BYTES = 4 << 20
 HTTP_STATUS = {"bad_request": 400, "rejected": 429, "unauthorized": 401, "shutdown": 503, "internal": 500}
@@ -104,14 +106,19 @@ def chat_messages(body: dict) -> list[dict]:
 class Api:
     def __init__(self, runtime_dir, api_key: str | None):
         self.runtime_dir, self.api_key = runtime_dir, api_key
-        self.client: AsyncClient | None = None
+        # one native connection per event loop (a zmq.asyncio socket belongs to one loop), made once
+        # even when the first requests come together; its calls each have their own future
+        self._clients: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}
         self.model = "moed"
 
     async def native(self) -> AsyncClient:
-        if self.client is None:
-            self.client = await AsyncClient(self.runtime_dir, name="http").connect()
-            self.model = self.client.model
-        return self.client
+        loop = asyncio.get_running_loop()
+        task = self._clients.get(loop)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = self._clients[loop] = loop.create_task(AsyncClient(self.runtime_dir, name="http").connect())
+        client = await asyncio.shield(task)  # a cancelled request does not cancel the connection
+        self.model = client.model
+        return client
 
     def check_auth(self, request: Request) -> None:
         if self.api_key is None:
@@ -143,9 +150,8 @@ class Api:
             snap = await (await self.native()).status()
         except Exception as e:
             return JSONResponse({"status": "unavailable", "error": str(e)}, status_code=503)
-        ok = snap.get("state") == "ready"
-        return JSONResponse({"status": snap.get("state"), "progress": snap.get("progress")},
-                            status_code=200 if ok else 503)
+        return JSONResponse({"status": snap.state, "progress": asdict(snap.progress)},
+                            status_code=200 if snap.state == "ready" else 503)
 
     async def models(self, request: Request) -> Response:
         self.check_auth(request)
@@ -242,23 +248,22 @@ async def _chain(first, gen):
             yield ev
 
 
-def prometheus(s: dict) -> str:
-    """The status snapshot in Prometheus text format."""
-    cache = s.get("cache", {})
-    totals = s.get("totals", {})
+def prometheus(s: DaemonStatus) -> str:
+    """The status snapshot in Prometheus text format (the cache's figures are 0 while loading)."""
+    c, totals = s.cache, s.totals
     rows = [
-        ("moed_up", "gauge", "1 when the model is loaded and serving", 1 if s.get("state") == "ready" else 0),
-        ("moed_requests_total", "counter", "requests admitted", totals.get("requests", 0)),
-        ("moed_requests_rejected_total", "counter", "requests rejected", totals.get("rejected", 0)),
-        ("moed_requests_active", "gauge", "requests running or waiting", len(s.get("requests", []))),
-        ("moed_prompt_tokens_total", "counter", "prompt tokens processed", totals.get("prompt_tokens", 0)),
-        ("moed_generated_tokens_total", "counter", "tokens generated", totals.get("completion_tokens", 0)),
-        ("moed_decode_tokens_per_second", "gauge", "decode throughput over the last minute", s.get("decode_tps", 0)),
-        ("moed_cache_hits_total", "counter", "expert cache hits", cache.get("hits", 0)),
-        ("moed_cache_misses_total", "counter", "expert cache misses", cache.get("misses", 0)),
-        ("moed_cache_budget_bytes", "gauge", "expert cache size", cache.get("budget_bytes", 0)),
-        ("moed_expert_bytes_read_total", "counter", "expert bytes read from disk", cache.get("bytes_read", 0)),
-        ("moed_resident_memory_bytes", "gauge", "daemon RSS", s.get("rss_bytes", 0)),
+        ("moed_up", "gauge", "1 when the model is loaded and serving", 1 if s.state == "ready" else 0),
+        ("moed_requests_total", "counter", "requests admitted", totals.requests),
+        ("moed_requests_rejected_total", "counter", "requests rejected", totals.rejected),
+        ("moed_requests_active", "gauge", "requests running or waiting", len(s.requests)),
+        ("moed_prompt_tokens_total", "counter", "prompt tokens processed", totals.prompt_tokens),
+        ("moed_generated_tokens_total", "counter", "tokens generated", totals.completion_tokens),
+        ("moed_decode_tokens_per_second", "gauge", "decode throughput over the last minute", s.decode_tps),
+        ("moed_cache_hits_total", "counter", "expert cache hits", c.hits if c else 0),
+        ("moed_cache_misses_total", "counter", "expert cache misses", c.misses if c else 0),
+        ("moed_cache_budget_bytes", "gauge", "expert cache size", c.budget_bytes if c else 0),
+        ("moed_expert_bytes_read_total", "counter", "expert bytes read from disk", c.bytes_read if c else 0),
+        ("moed_resident_memory_bytes", "gauge", "daemon RSS", s.rss_bytes),
     ]
     out = []
     for name, kind, help_, value in rows:

@@ -2,45 +2,43 @@
 
 `moed daemon` runs it in the foreground; `moed start` launches that in the background. The loop is
 vLLM's EngineCoreProc shape: drain the inbox, step the core, ship the events; block only when
-there is no work. Signals only set a flag. On the way out every stream ends with a reason, the
+there is no work (then, a few times a second, it has the fetcher replace I/O workers that died).
+Signals only set a flag and wake the loop. On the way out every stream ends with a reason, the
 workers exit, shared memory is unlinked and the runtime files are removed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import secrets
 import signal
 import sys
-import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
-import numpy as np
 import psutil
 
 from moed.daemon.engine.core import EngineCore, RequestRejected, context_length
+from moed.daemon.io.fetcher import FetchError
 from moed.daemon.service.frontend import Disconnected, Frontend
+from moed.daemon.service.status import PUBLISH_S, daemon_status
 from moed.ipc import shm
+from moed.ipc.config import PagingConfig
 from moed.ipc.connection import DaemonFiles, daemon_files, read_pid, remove_files, write_connection
-from moed.ipc.messages import Abort, Error, Finished, Generate, StopDaemon
+from moed.ipc.messages import Abort, DaemonStatus, Error, Finished, Generate, StopDaemon
 
-IDLE_WAIT_S = 0.5
+log = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.5  # the loop's wait for a message when it has no work
+WORKER_CHECK_S = 0.25  # how often the loop has the fetcher reap and replace exited I/O workers
 
 
 @dataclass
 class DaemonConfig:
     model: str
-    cache_fraction: float | None = None
-    cache_gb: float | None = None
-    workers: int = 2
-    dtype: str | None = None
-    warm: bool = True
-    top_k: int | None = None
-    packed: bool = True
-    direct: bool = False
-    lookahead: bool | None = None  # None: moed.daemon.engine.budget.LOOKAHEAD_BELOW decides
+    paging: PagingConfig = field(default_factory=PagingConfig)  # the expert cache and its reads
     max_batch: int = 8
     max_queue: int = 32
     http: str | None = None  # "HOST:PORT"
@@ -77,13 +75,16 @@ class Supervisor:
         self.progress = (self.state, 0.0)
         self.started = time.time()
         self.pm = None
+        self.heat = None  # the store's Heat observer, once loaded
         self.core: EngineCore | None = None
         self.owner: dict[str, tuple[bytes, str]] = {}  # core request id -> (client, client's req_id)
-        self._stopping = threading.Event()
-        self._snapshot_lock = threading.Lock()
-        self._core_snapshot: dict = {}
+        self._stopping = False  # a plain flag: the signal handler sets it (an Event's lock is not reentrant)
+        self._next_tend = 0.0  # monotonic time of the next I/O worker check
+        self._published = 0.0  # monotonic time of the last status
+        self._status: DaemonStatus | None = None  # the latest status, swapped in by _publish
         self.http = None
         self.failed = ""
+        self._publish(force=True)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -93,8 +94,8 @@ class Supervisor:
         token = secrets.token_urlsafe(32)
         self.frontend = Frontend(self.files.endpoint, token, os.path.basename(str(self.cfg.model)), self.status)
         self.frontend.start()
-        signal.signal(signal.SIGTERM, lambda *_: self.stop())
-        signal.signal(signal.SIGINT, lambda *_: self.stop())
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
         write_connection(self.files, {"endpoint": self.files.endpoint, "token": token, "pid": os.getpid(),
                                       "model": str(self.cfg.model), "http": self.cfg.http,
                                       "log": str(self.files.log)})
@@ -104,28 +105,42 @@ class Supervisor:
 
                 self.http = HttpServer(self.cfg.http, self.cfg.api_key, self.files.dir).start()
             self._load()
-            self.state = "ready" if not self._stopping.is_set() else "stopping"
+            self.state = "ready" if not self._stopping else "stopping"
+            self._publish(force=True)
             print(f"[moed] ready: {self.cfg.model} on {self.files.endpoint}"
                   + (f" and http://{self.cfg.http}" if self.http else ""), flush=True)
             self._loop()
             return 1 if self.failed else 0
         finally:
             self._shutdown()
+            ignore_stop_signals()
 
     def stop(self) -> None:
-        self._stopping.set()
-        self.frontend.inbox.put((b"", StopDaemon()))  # wakes the loop
+        """Ask the loop to stop (from any thread, or a signal handler)."""
+        self._stopping = True
+        self.frontend.inbox.put((b"", StopDaemon()))  # wakes the loop; SimpleQueue.put is reentrant
+
+    def _on_signal(self, signum, frame) -> None:
+        """SIGTERM/SIGINT: set the flag and wake the loop, nothing more. A handler runs between any
+        two bytecodes of the main thread, which is the loop, and inside itself when signals come fast,
+        so it takes no lock: a queue.Queue or an Event here can deadlock."""
+        self.stop()
 
     def _load(self) -> None:
         self.state = "loading"
+        self._publish(force=True)
 
         def progress(phase: str, done: float) -> None:
-            self.progress = (phase, done)
-            if self._stopping.is_set():
+            new_phase, self.progress = phase != self.progress[0], (phase, done)
+            self._publish(force=new_phase)
+            if self._stopping:
                 raise KeyboardInterrupt("stopped while loading")
 
         c = self.cfg
         self.pm = load_model(c, self.link, progress)
+        from moed.daemon.engine.experts import Heat
+
+        self.heat = self.pm.store.observe(Heat(self.pm.info["experts_per_layer"]))
         self.core = new_core(c, self.pm, self.link)
         if self.link is not None:
             from moed.daemon.dist.lockstep import LockstepCore
@@ -135,6 +150,7 @@ class Supervisor:
 
     def _shutdown(self) -> None:
         self.state = "stopping"
+        self._publish(force=True)
         if self.core is not None:
             self._ship(self.core.shutdown())
             if self.link is not None and not self.failed:
@@ -155,9 +171,10 @@ class Supervisor:
     def _loop(self) -> None:
         from moed.daemon.dist.lockstep import RankFailed
 
-        while not self._stopping.is_set():
+        while not self._stopping:
             self._drain(block=not self.core.has_work())
-            if self.core.has_work() and not self._stopping.is_set():
+            self._tend_workers()
+            if self.core.has_work() and not self._stopping:
                 try:
                     self._ship(self.core.step())
                 except RankFailed as e:  # a split model cannot go on: every rank stops
@@ -201,13 +218,28 @@ class Supervisor:
             for rid in [r for r in self.owner if r.startswith(prefix)]:
                 self._ship(self.core.abort(rid))
         elif isinstance(msg, StopDaemon):
-            self._stopping.set()
+            self._stopping = True
         else:
             self.frontend.send(client, Error(getattr(msg, "req_id", None), "bad_request",
                                              f"{type(msg).__name__} is not a request"))
 
+    def _tend_workers(self) -> None:
+        """Have the fetcher reap and replace I/O workers that exited while nothing was read (every
+        WORKER_CHECK_S; it runs on this thread, the one that reads)."""
+        now = time.monotonic()
+        if now < self._next_tend:
+            return
+        self._next_tend = now + WORKER_CHECK_S
+        try:
+            self.pm.fetcher.poll()
+        except FetchError:  # a slot that keeps dying: the fetcher is closed, steps now fail
+            log.exception("[moed] the I/O workers cannot be kept alive")
+
     def _ship(self, events: list) -> None:
-        """Route core events back to the client that owns each request."""
+        """Route core events back to the client that owns each request. A request's end is in the
+        status before its Finished/Error leaves, so a client that then asks sees it."""
+        if any(isinstance(ev, (Finished, Error)) for ev in events):
+            self._publish(force=True)
         for ev in events:
             owner = self.owner.get(ev.req_id)
             if owner is None:
@@ -220,69 +252,56 @@ class Supervisor:
 
     # ------------------------------------------------------------------ status
 
-    def _publish(self) -> None:
-        snap = self.core.snapshot()
-        with self._snapshot_lock:
-            self._core_snapshot = snap
-
-    def status(self) -> dict:
-        """The status snapshot (called from the frontend's I/O thread)."""
-        with self._snapshot_lock:
-            core = dict(self._core_snapshot)
-        proc = psutil.Process()
-        snap = {"state": self.state, "progress": {"phase": self.progress[0], "done": self.progress[1]},
-                "pid": os.getpid(), "uptime_s": time.time() - self.started, "model": str(self.cfg.model),
-                "rss_bytes": proc.memory_info().rss, "http": self.cfg.http,
-                "clients": len(self.frontend.clients), **core}
-        pm = self.pm
-        if pm is not None and self.state != "loading":
-            snap_workers = pm.fetcher.worker_states()
-            st = pm.store.stats
-            cfg = pm.config.get("text_config", pm.config)
-            snap.update({
-                "arch": pm.config.get("model_type"),
-                "quantization": pm.config.get("quantization", {}).get("bits"),
-                "layers": cfg.get("num_hidden_layers"), "top_k": pm.top_k,
-                "non_expert_bytes": pm.non_expert_bytes, "expert_bytes": pm.expert_bytes,
-                "cache": {"budget_bytes": pm.info["cache_bytes"], "slots_per_layer": pm.info["slots_per_layer"],
-                          "experts_per_layer": pm.info["experts_per_layer"],
-                          "used_slots": [s.used for s in pm.store.slots],
-                          **st.as_dict()},
-                "workers": snap_workers,
-                "io": {"read_calls": pm.fetcher.stats.read_calls, "reads": pm.fetcher.stats.reads,
-                       "bytes_read": pm.fetcher.stats.bytes_read, "read_seconds": pm.fetcher.stats.read_seconds,
-                       "respawns": pm.fetcher.stats.respawns, "packed": pm.info["packed"],
-                       "direct": pm.fetcher.direct, "lookahead": pm.info["lookahead"],
-                       "in_flight": sum(1 for w in snap_workers if w["queued_bytes"])},
-                "heat": {"values": [[round(float(v), 2) for v in row] for row in pm.store.heat],
-                         "resident": [[int(e) for e in np.nonzero(s.lut >= 0)[0]] for s in pm.store.slots]},
-                "memory": self._memory(snap["rss_bytes"]),
-                "layer_range": list(pm.info["layer_range"]),
-            })
-            if self.link is not None and hasattr(self.core, "ranks"):
+    def _publish(self, force: bool = False) -> None:
+        """Build the status on this (the engine's) thread and swap it in for the frontend to serve:
+        every PUBLISH_S, or now with `force` (a state change, a request's end)."""
+        now = time.monotonic()
+        if not force and now - self._published < PUBLISH_S:
+            return
+        frontend = getattr(self, "frontend", None)
+        try:
+            ranks = None
+            if self.link is not None and self.pm is not None and hasattr(self.core, "ranks"):
                 from moed.daemon.dist.ranks import rank_status
 
-                snap["ranks"] = [asdict(s) for s in [rank_status(pm, 0), *self.core.ranks[1:]]]
-        return snap
+                ranks = [rank_status(self.pm, 0), *self.core.ranks[1:]]
+            self._status = daemon_status(
+                state=self.state, progress=self.progress, started=self.started, model=str(self.cfg.model),
+                http=self.cfg.http, clients=len(frontend.clients) if frontend is not None else 0,
+                max_queue=self.cfg.max_queue, pm=self.pm, core=self.core, heat=self.heat, ranks=ranks)
+        except Exception:  # a bug here must not stop the engine: the last status stays served
+            if self._status is None:
+                raise
+            log.exception("building the status failed; serving the previous one")
+        self._published = now
+
+    def status(self) -> DaemonStatus:
+        """The latest published status, as it is (the frontend's I/O thread calls this: it reads one
+        reference and touches nothing of the engine)."""
+        return self._status
 
 
-    def _memory(self, rss: int) -> dict:
-        """RSS split into resident weights, expert cache, KV cache and the rest."""
-        pm = self.pm
-        kv = self._core_snapshot.get("kv_cache_bytes", 0)
-        parts = {"resident_weights": pm.non_expert_bytes, "expert_cache": pm.info["cache_bytes"],
-                 "kv_cache": kv}
-        return {"rss": rss, **parts, "other": max(0, rss - sum(parts.values()))}
+def ignore_stop_signals() -> None:
+    """Stopped: late SIGTERM/SIGINT must neither print nor kill the exiting process (its exit code
+    stays 0). SIG_IGN at the C level survives Python's finalization (which restores the default
+    action only where a Python handler was set); a signal that tripped just before the switch makes
+    Python report "Signal N ignored due to race condition" as unraisable: that report is dropped."""
+    default = sys.unraisablehook
+
+    def hook(u) -> None:
+        if not (isinstance(u.exc_value, OSError) and "ignored due to race condition" in str(u.exc_value)):
+            default(u)
+
+    sys.unraisablehook = hook
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def load_model(c: DaemonConfig, link, progress=None):
     """The paged model as configured (this rank's layers when split)."""
     from moed.daemon.engine.loader import load_paged
 
-    return load_paged(c.model, cache_fraction=c.cache_fraction, cache_gb=c.cache_gb, workers=c.workers,
-                      dtype=c.dtype, warm=c.warm, top_k=c.top_k, packed=c.packed, direct=c.direct,
-                      lookahead=c.lookahead, progress=progress,
-                      group=link.group if link is not None else None)
+    return load_paged(c.model, c.paging, progress=progress, group=link.group if link is not None else None)
 
 
 def new_core(c: DaemonConfig, pm, link) -> EngineCore:

@@ -13,12 +13,14 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
 
 from moed.daemon.tools.iobench import drop_page_cache
+from moed.ipc.config import PagingConfig
 
 PROMPT_TEXT = (
     "The history of computing is a story of memory. Every generation of machines has been limited "
@@ -34,6 +36,15 @@ def bench_prompt(tokenizer, n_tokens: int) -> list[int]:
     while len(ids) < n_tokens:
         ids += tokenizer.encode(PROMPT_TEXT, add_special_tokens=False)
     return ids[:n_tokens]
+
+
+def with_paging(spec: dict, **options) -> dict:
+    """`spec` with these paging options set over its own (checked here, before a process starts)."""
+    return {**spec, "paging": replace(paging_of(spec), **options).as_dict()}
+
+
+def paging_of(spec: dict) -> PagingConfig:
+    return PagingConfig.from_dict(spec["paging"])
 
 
 def measure(spec: dict) -> dict:
@@ -56,20 +67,19 @@ def measure(spec: dict) -> dict:
         from moed.daemon.tools import recall
 
         return recall.measure(spec["model"], PROMPT_TEXT, params)
+    paging = paging_of(spec)
     if spec["engine"] == "mlx-lm":
-        model, tokenizer = load_resident(spec["model"], spec.get("dtype"), top_k=spec.get("top_k"))
+        model, tokenizer = load_resident(spec["model"], paging.dtype, top_k=paging.top_k)
         pm = None
     else:
-        pm = load_paged(spec["model"], cache_fraction=spec["cache_fraction"], workers=spec["workers"],
-                        dtype=spec.get("dtype"), top_k=spec.get("top_k"), packed=spec.get("packed", True),
-                        direct=spec.get("direct", False), lookahead=spec.get("lookahead"))
+        pm = load_paged(spec["model"], paging)
         model, tokenizer = pm.model, pm.tokenizer
     load_s = time.perf_counter() - t0
     try:
         res = run(model, tokenizer, bench_prompt(tokenizer, spec["prompt_tokens"]), params)
         out = {
-            "engine": spec["engine"], "cache_fraction": spec["cache_fraction"], "sampling": spec["sampling"],
-            "top_k": spec.get("top_k"),
+            "engine": spec["engine"], "cache_fraction": paging.cache_fraction, "sampling": spec["sampling"],
+            "top_k": paging.top_k,
             "decode_tps": res.decode_tps, "prefill_tps": res.prefill_tps, "ttft_s": res.ttft_s,
             "generated_tokens": len(res.tokens), "prompt_tokens": res.prompt_tokens,
             "load_s": load_s, "peak_rss_bytes": peak_rss_bytes(), "tokens": res.tokens,
@@ -99,11 +109,11 @@ def plan_forecast(spec: dict) -> dict:
     """`moed plan`'s profile of this machine and its forecast for each cache size measured."""
     from moed.daemon.tools.plan import forecast, make_plan, measure_profile, read_checkpoint
 
+    paging = paging_of(spec)
     ck = read_checkpoint(spec["model"])
-    profile = measure_profile(ck, dtype=spec.get("dtype"))
+    profile = measure_profile(ck, dtype=paging.dtype)
     return {"engine": "plan", "profile": profile, "forecasts": {
-        str(f): forecast(make_plan(ck, cache_fraction=f, workers=spec["workers"], dtype=spec.get("dtype")), profile)
-        for f in spec["fractions"]}}
+        str(f): forecast(make_plan(ck, replace(paging, cache_fraction=f)), profile) for f in spec["fractions"]}}
 
 
 IO_REPS = 3  # raw and fetch path alternate this many times; the medians are reported (the disk is noisy)
@@ -143,9 +153,9 @@ def io_probe(spec: dict) -> dict:
     from moed.daemon.tools.iobench import RAW_THREADS, coalesce, miss_ranges, path_read, path_read_cpu
     from moed.daemon.tools.trace import record_trace, save_trace
 
+    workers = paging_of(spec).workers
     trace = record_trace(spec["model"], PROMPT_TEXT, SamplingParams(max_tokens=spec["max_tokens"], temp=1.0,
-                                                                     seed=spec["seed"], ignore_eos=True),
-                         spec["workers"])
+                                                                     seed=spec["seed"], ignore_eos=True), workers)
     save_trace(trace, spec["trace_out"])
     out = {"engine": "io", "trace": spec["trace_out"], "visits": len(trace["steps"]), "raw_threads": RAW_THREADS,
            "reps": IO_REPS, "layouts": {}}
@@ -165,7 +175,7 @@ def io_probe(spec: dict) -> dict:
                 "bytes": sum(n for v in visits for _, _, n in v), "visits_with_misses": len(visits),
                 "experts_read": experts, "reads": reads, "reads_per_expert": reads / max(1, experts)}
             for mode in ("buffered", "direct") if layout == "packed" else ("buffered",):
-                r[mode] = io_compare(files, visits, spec["workers"], mode == "direct",
+                r[mode] = io_compare(files, visits, workers, mode == "direct",
                                      IO_REPS if layout == "packed" else 1)
     out["per_fraction"] = out["layouts"].get("packed") or out["layouts"]["stacked"]  # what the engine reads
     # queue depth per worker, on the layout the engine reads, at the first cache size
@@ -177,12 +187,12 @@ def io_probe(spec: dict) -> dict:
                           "io_path_gbps": {}}
     for depth in (1, 2, 4, 8):
         drop_page_cache()
-        out["queue_depth"]["io_path_gbps"][str(depth)] = nbytes / path_read(files, visits, spec["workers"], depth) / 1e9
+        out["queue_depth"]["io_path_gbps"][str(depth)] = nbytes / path_read(files, visits, workers, depth) / 1e9
     # buffered vs direct (O_DIRECT / F_NOCACHE): speed, and the workers' CPU (the cores compute needs)
     out["direct"] = {"layout": layout, "cache_fraction": spec["fractions"][0], "bytes": nbytes}
     for mode in ("buffered", "direct"):
         state = drop_page_cache()
-        wall, cpu = path_read_cpu(files, visits, spec["workers"], direct=mode == "direct")
+        wall, cpu = path_read_cpu(files, visits, workers, direct=mode == "direct")
         out["direct"][mode] = {"io_path_gbps": nbytes / wall / 1e9, "worker_cpu_s_per_gb": cpu / (nbytes / 1e9),
                                "cache_state": state}
     return out
@@ -206,7 +216,7 @@ def top_k_quality(spec: dict) -> dict:
     from moed.daemon.engine.loader import load_resident
     from moed.daemon.engine.modules import set_top_k
 
-    model, tok = load_resident(spec["model"], spec.get("dtype"))
+    model, tok = load_resident(spec["model"], paging_of(spec).dtype)
     config = json.loads((Path(spec["model"]) / "config.json").read_text())
     full_k = top_k_of(config)
     seqs = []
@@ -237,12 +247,12 @@ def main_top_k(a, console, model: str, base: dict) -> int:
 
     ks = [int(k) for k in str(a.top_ks).split(",") if k]
     fraction = float(str(a.cache_fractions).split(",")[0])
-    quality = run_one({**base, "engine": "quality", "top_ks": ks, "cache_fraction": None, "sampling": "greedy"},
-                      cold=False)
-    runs = [run_one({**base, "engine": "mlx-lm", "cache_fraction": None, "sampling": "random"}, a.cold)]
+    quality = run_one({**base, "engine": "quality", "top_ks": ks, "sampling": "greedy"}, cold=False)
+    runs = [run_one({**base, "engine": "mlx-lm", "sampling": "random"}, a.cold)]
     for k in ks:
         console.print(f"[bold]moed[/] cache={fraction} top-k={k} ...")
-        r = run_one({**base, "engine": "moed", "cache_fraction": fraction, "sampling": "random", "top_k": k}, a.cold)
+        r = run_one(with_paging({**base, "engine": "moed", "sampling": "random"}, cache_fraction=fraction, top_k=k),
+                    a.cold)
         r.update(quality["per_k"][str(k)])
         r["decode_ratio_vs_mlx_lm"] = r["decode_tps"] / runs[0]["decode_tps"]
         runs.append(r)
@@ -314,15 +324,15 @@ def concurrency_run(model: str, fraction: float, n: int, spec: dict, cold: bool)
     cache_state = drop_page_cache() if cold else "warm"
     runtime = tempfile.mkdtemp(prefix="moed-bench-")
     env = dict(os.environ, MOED_RUNTIME_DIR=runtime, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "moed.client.cli", "daemon", "--model", model, "--cache-fraction", str(fraction),
-           "--workers", str(spec["workers"]), "--max-batch", str(max(n, 1))]
+    cmd = [sys.executable, "-m", "moed.client.cli", "daemon", "--model", model,
+           *replace(paging_of(spec), cache_fraction=fraction).to_argv(), "--max-batch", str(max(n, 1))]
     daemon = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
         while True:
             try:
                 with Client(runtime) as c:
-                    if c.status()["state"] == "ready":
+                    if c.status().state == "ready":
                         break
             except Exception:
                 pass
@@ -358,8 +368,8 @@ def concurrency_run(model: str, fraction: float, n: int, spec: dict, cold: bool)
         return {"engine": "moed-daemon", "cache_fraction": fraction, "sampling": spec["sampling"], "concurrency": n,
                 "aggregate_tps": tokens / wall, "aggregate_decode_tps": tokens / (end - decoding),
                 "streams": results, "wall_s": wall,
-                "hit_rate": snap["cache"]["hit_rate"], "bytes_read": snap["cache"]["bytes_read"],
-                "daemon_rss_bytes": snap["rss_bytes"], "peak_active": snap["totals"]["peak_active"],
+                "hit_rate": snap.cache.hit_rate, "bytes_read": snap.cache.bytes_read,
+                "daemon_rss_bytes": snap.rss_bytes, "peak_active": snap.totals.peak_active,
                 "cache_state": cache_state}
     finally:
         try:
@@ -413,7 +423,7 @@ def ranks_run(model: str, fraction: float, n: int, spec: dict, cold: bool) -> di
     temp = "1.0" if spec["sampling"] == "random" else "0.0"
     cmd = [sys.executable, "-m", "moed.client.cli", "generate", "--model", model, "--json", "--ignore-eos",
            "--prompt", PROMPT_TEXT.split(". ")[0], "--max-tokens", str(spec["max_tokens"]), "--temp", temp,
-           "--seed", str(spec["seed"]), "--cache-fraction", str(fraction), "--workers", str(spec["workers"])]
+           "--seed", str(spec["seed"]), *replace(paging_of(spec), cache_fraction=fraction).to_argv()]
     proc = subprocess.run(cmd + (["--ranks", str(n)] if n > 1 else []), capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"moed generate --ranks {n} failed:\n{proc.stderr[-4000:]}")
@@ -502,29 +512,29 @@ def main(a) -> int:
     fractions = [float(f) for f in str(a.cache_fractions).split(",") if f]
     samplings = [s for s in a.sampling.split(",") if s]
     base = {"model": model, "max_tokens": a.max_tokens, "prompt_tokens": a.prompt_tokens, "seed": 0,
-            "workers": a.workers, "dtype": a.dtype}
+            "paging": PagingConfig.from_args(a).as_dict()}  # --workers, --dtype; each run sets the rest
     if a.concurrency:
         return main_concurrency(a, console, model, base)
     if a.ranks:
         return main_ranks(a, console, model, base)
     if a.top_ks:
         return main_top_k(a, console, model, base)
-    specs = [] if a.skip_mlx_lm else [{**base, "engine": "mlx-lm", "cache_fraction": None, "sampling": s}
-                                      for s in samplings]
+    specs = [] if a.skip_mlx_lm else [{**base, "engine": "mlx-lm", "sampling": s} for s in samplings]
     layouts = [x for x in a.layouts.split(",") if x]
     ios = [x for x in a.io.split(",") if x]
     aheads = [{"on": True, "off": False}.get(x) for x in a.lookahead.split(",") if x]
-    specs += [{**base, "engine": "moed", "cache_fraction": f, "sampling": s, "packed": lay == "packed",
-               "direct": io == "direct", "lookahead": ahead}
+    specs += [with_paging({**base, "engine": "moed", "sampling": s}, cache_fraction=f, packed=lay == "packed",
+                          direct=io == "direct", lookahead=ahead)
               for s in samplings for lay in layouts for io in ios for ahead in aheads for f in fractions]
     runs = []
     for rnd in range(a.repeat):  # whole rounds, so a drift of the machine hits every configuration alike
         for spec in specs:
-            console.print(f"[bold]{spec['engine']}[/] cache={spec['cache_fraction']} sampling={spec['sampling']}"
+            console.print(f"[bold]{spec['engine']}[/] cache={paging_of(spec).cache_fraction} "
+                          f"sampling={spec['sampling']}"
                           + (f" round {rnd + 1}/{a.repeat}" if a.repeat > 1 else "") + " ...")
             runs.append({**run_one(spec, a.cold), "round": rnd})
     console.print("[bold]moed plan forecast[/] (profile of this machine) ...")
-    plan = run_one({**base, "engine": "plan", "fractions": fractions, "cache_fraction": None, "sampling": "-"}, cold=False)
+    plan = run_one({**base, "engine": "plan", "fractions": fractions, "sampling": "-"}, cold=False)
     for r in runs:
         f = plan["forecasts"][str(r["cache_fraction"])] if r["engine"] == "moed" else None
         if f is None and r["engine"] == "mlx-lm":
@@ -534,14 +544,14 @@ def main(a) -> int:
     extra = []
     if True in aheads:
         console.print("[bold]lookahead recall[/] (next layer's router on this layer's input) ...")
-        extra.append(run_one({**base, "engine": "lookahead", "cache_fraction": None, "sampling": "random"}, cold=False))
+        extra.append(run_one({**base, "engine": "lookahead", "sampling": "random"}, cold=False))
         console.print("recall of the lookahead {recall_lookahead:.1%}, of the previous token's experts "
                       "{recall_previous_token:.1%}, chance {chance:.1%}".format(**extra[-1]))
     partial = [f for f in fractions if f < 1 and not a.skip_io]
     io = None
     if partial:
         console.print("[bold]I/O path alone vs raw parallel reads[/] ...")
-        io = run_one({**base, "engine": "io", "fractions": partial, "cache_fraction": None, "sampling": "random",
+        io = run_one({**base, "engine": "io", "fractions": partial, "sampling": "random",
                       "trace_out": str(Path(a.out).with_name(Path(a.out).stem + "-trace.json"))}, cold=False)
     resident = {(r["sampling"], r["round"]): r for r in runs if r["engine"] == "mlx-lm"}
     for r in runs:

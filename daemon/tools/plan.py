@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from moed.daemon.engine.budget import RUNTIME_BYTES, WORKER_BYTES, available_bytes
 from moed.daemon.engine.index import DTYPE_BYTES, FLOATS, ExpertLayer, TensorTable
+from moed.ipc.config import PagingConfig
 
 
 @dataclass
@@ -83,13 +85,12 @@ class Checkpoint:
 def read_checkpoint(model: str | Path) -> Checkpoint:
     """Headers only: mlx-lm builds the model lazily, no weight is read."""
     from mlx_lm.models.cache import KVCache, make_prompt_cache
-    from mlx_lm.utils import load_model
 
-    from moed.daemon.engine.checkpoint import index_experts, resolve_model
+    from moed.daemon.engine.checkpoint import index_experts, lazy_model, resolve_model
     from moed.daemon.engine.modules import find_switches
 
     path = resolve_model(model)
-    net, config = load_model(path, lazy=True)
+    net, config = lazy_model(path)
     table, layers = index_experts(path, find_switches(net))
     return Checkpoint(path, config, table, layers, sum(isinstance(c, KVCache) for c in make_prompt_cache(net)))
 
@@ -103,20 +104,24 @@ def _kv_bytes(ck: Checkpoint, context: int, act_bytes: int) -> int:
     return ck.attn_layers * 2 * kv_heads * head_dim * context * act_bytes
 
 
-def make_plan(model: str | Path | Checkpoint, *, cache_fraction: float | None = None, cache_gb: float | None = None,
-              context: int | None = None, ram_gb: float | None = None, workers: int = 2,
-              dtype: str | None = None, top_k: int | None = None) -> Plan:
-    """The memory a configuration needs, from the headers only (pass a Checkpoint to read them once)."""
+def make_plan(model: str | Path | Checkpoint, paging: PagingConfig | None = None, *, context: int | None = None,
+              ram_gb: float | None = None, **options: Any) -> Plan:
+    """The memory a configuration needs, from the headers only (pass a Checkpoint to read them once).
+
+    `paging` (and `options`, PagingConfig fields set over it) as `load_paged` takes them; the
+    fields that size the cache count (PagingConfig.sizing()), and lookahead's staging when set.
+    """
     from moed.daemon.engine.budget import auto_lookahead, cached_expert_nbytes, slots_per_layer, staging_bytes
     from moed.daemon.engine.checkpoint import top_k_of
     from moed.daemon.engine.core import context_length
     from moed.daemon.engine.loader import DTYPES
 
+    paging = replace(paging or PagingConfig(), **options)
     ck = model if isinstance(model, Checkpoint) else read_checkpoint(model)
     path, config, table, layers = ck.path, ck.config, ck.table, ck.layers
-    cast = DTYPES[dtype] if dtype else None
-    k = top_k or top_k_of(config)
-    slots = slots_per_layer(layers, k, cast, cache_fraction, cache_gb)
+    cast = DTYPES[paging.dtype] if paging.dtype else None
+    k = paging.top_k or top_k_of(config)
+    slots = slots_per_layer(layers, k, cast, paging.cache_fraction, paging.cache_gb)
     per = [cached_expert_nbytes(layer, cast) for layer in layers]
     expert_names = {t.info.name for layer in layers for t in layer.tensors}
     non_expert = 0
@@ -130,13 +135,14 @@ def make_plan(model: str | Path | Checkpoint, *, cache_fraction: float | None = 
         else:
             non_expert += info.nbytes
     context = context or context_length(config)
+    ahead = auto_lookahead(slots, layers) if paging.lookahead is None else paging.lookahead
     return Plan(model=str(path), moe_layers=len(layers), experts_per_layer=layers[0].num_experts, top_k=k,
                 slots_per_layer=slots, expert_nbytes=per[0], non_expert_bytes=non_expert,
                 expert_bytes=sum(layer.expert_nbytes * layer.num_experts for layer in layers),
                 cache_bytes=sum(n * p for n, p in zip(slots, per)),
-                staging_bytes=staging_bytes(slots, layers, k, auto_lookahead(slots, layers)),
+                staging_bytes=staging_bytes(slots, layers, k, ahead),
                 kv_bytes=_kv_bytes(ck, context, float_bytes), context=context,
-                rest_bytes=RUNTIME_BYTES + workers * WORKER_BYTES,
+                rest_bytes=RUNTIME_BYTES + paging.workers * WORKER_BYTES,
                 ram_bytes=int(ram_gb * 1e9) if ram_gb else available_bytes())
 
 

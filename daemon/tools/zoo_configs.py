@@ -824,40 +824,6 @@ _B: dict[str, dict] = {
         "norm_topk_prob": False,
         "router_bias": False,
     },
-    # LongCat-Flash n-gram (Lite): the LongCat-Flash body plus n-gram hashed embeddings whose
-    # context lives in an extra cache entry *before* the layers' (make_cache has num_layers + 1
-    # entries). 3-gram, 1 split -> 2 embedders of hidden/2 = 64 (quantizable post_projs).
-    "longcat_flash_ngram": {
-        "_no_base": True,
-        "model_type": "longcat_flash_ngram",
-        "hidden_size": 128,
-        "ffn_hidden_size": 256,
-        "expert_ffn_hidden_size": 64,
-        "n_routed_experts": 16,
-        "zero_expert_num": 8,
-        "zero_expert_type": "identity",
-        "moe_topk": 4,
-        "num_layers": 2,
-        "vocab_size": 1024,
-        "max_position_embeddings": 4096,
-        "num_attention_heads": 4,
-        "kv_lora_rank": 64,
-        "q_lora_rank": 64,
-        "qk_rope_head_dim": 32,
-        "qk_nope_head_dim": 64,
-        "v_head_dim": 64,
-        "routed_scaling_factor": 6.0,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000000.0,
-        "mla_scale_q_lora": True,
-        "mla_scale_kv_lora": True,
-        "attention_bias": False,
-        "norm_topk_prob": False,
-        "router_bias": False,
-        "ngram_vocab_size_ratio": 78,
-        "emb_neighbor_num": 3,
-        "emb_split_num": 1,
-    },
     # Mellum: Qwen3-MoE-like block (softmax router `mlp.gate`, normalized top-k) on every layer,
     # sliding (window 8) / full attention with per-layer-type RoPE (YaRN on full), QK norm.
     "mellum": {
@@ -917,6 +883,17 @@ _B: dict[str, dict] = {
         "partial_rotary_factor": 0.334,
         "attention_value_scale": 0.707,
     },
+}
+
+# LongCat-Flash n-gram (Lite): the LongCat-Flash body plus n-gram hashed embeddings whose
+# context lives in an extra cache entry *before* the layers' (make_cache has num_layers + 1
+# entries). 3-gram, 1 split -> 2 embedders of hidden/2 = 64 (quantizable post_projs).
+_B["longcat_flash_ngram"] = {
+    **{k: v for k, v in _B["longcat_flash"].items() if k != "attention_method"},
+    "model_type": "longcat_flash_ngram",
+    "ngram_vocab_size_ratio": 78,
+    "emb_neighbor_num": 3,
+    "emb_split_num": 1,
 }
 
 # ---------------------------------------------------------------- part c

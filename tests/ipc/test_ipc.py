@@ -11,10 +11,48 @@ import msgpack
 import pytest
 
 from moed.ipc import runtime, shm
-from moed.ipc.codec import MAX_PAYLOAD, ProtocolError, decode, encode
-from moed.ipc.messages import (REGISTRY, Abort, Configure, Error, Finished, Generate, Heartbeat, Hello, Ping,
-                               Pong, RankPlan, RankStatus, Read, ReadDone, Ready, Shutdown, Status, StatusQuery,
-                               StopDaemon, Token, Welcome, message)
+from moed.ipc.codec import MAX_PAYLOAD, ProtocolError, decode, encode, from_plain
+from moed.ipc.messages import (REGISTRY, Abort, CacheStatus, CheckpointStatus, Configure, DaemonStatus, Error,
+                               Finished, Generate, Heartbeat, HeatStatus, Hello, IoStatus, LoadProgress, MemoryStatus,
+                               Ping, Pong, RankPlan, RankStatus, Read, ReadDone, Ready, RequestStatus, Shutdown,
+                               Status, StatusQuery, StopDaemon, Token, Totals, Welcome, WorkerStatus, message)
+
+def loading_status() -> DaemonStatus:
+    """A daemon still loading: no checkpoint, cache, io, heat or memory yet."""
+    return DaemonStatus(requests=[], decode_tps=0.0, prefill_tps=0.0, kv_cache_bytes=0, totals=Totals(), max_queue=32,
+                        context=None, state="loading", progress=LoadProgress("mapping experts", 0.42), pid=4242,
+                        uptime_s=3.2, model="/models/med", rss_bytes=52_000_000, http=None, clients=1,
+                        checkpoint=None, cache=None, workers=[], io=None, heat=None, memory=None, ranks=[])
+
+
+def full_status() -> DaemonStatus:
+    """A ready daemon split over two ranks, every nested struct filled."""
+    ranks = [RankStatus(rank=r, host=f"mac{r}", pid=100 + r, layers=(2 * (1 - r), 2 * (2 - r)), rss_bytes=1 << 30,
+                        peak_rss_bytes=1 << 31, non_expert_bytes=5, cache_bytes=6, hits=7, misses=8, bytes_read=9,
+                        workers=2) for r in (0, 1)]
+    return DaemonStatus(
+        requests=[RequestStatus("ab:r1", "moed run:12", 4, 37, 300, "decoding", 51.25, 1.2),
+                  RequestStatus("cd:r2", "python:7", 812, 0, 64, "prefill", 0.0, 0.3)],
+        decode_tps=171.2, prefill_tps=97.3, kv_cache_bytes=3_500_000,
+        totals=Totals(requests=9, completed=6, rejected=1, aborted=1, failed=0, prompt_tokens=850,
+                      completion_tokens=1200, generated_tokens=1300, peak_active=2),
+        max_queue=32, context=32768, state="ready", progress=LoadProgress("ready", 1.0), pid=100, uptime_s=754.3,
+        model="/models/tiny-qwen3_5_moe", rss_bytes=96_669_696, http="127.0.0.1:8000", clients=3,
+        checkpoint=CheckpointStatus(arch="qwen3_5_moe", quantization=4, layers=4, top_k=4, non_expert_bytes=479_904,
+                                    expert_bytes=1_966_080, layer_range=(2, 4)),
+        cache=CacheStatus(budget_bytes=1_474_560, slots_per_layer=[12, 12], experts_per_layer=[16, 16],
+                          used_slots=[12, 11], hits=2920, misses=810, hit_rate=2920 / 3730, bytes_read=24_883_200,
+                          read_seconds=0.255, prefetched=30, prefetch_used=20, layer_hits=[1460, 1460],
+                          layer_misses=[400, 410]),
+        workers=[WorkerStatus(pid=201, alive=True, ready=True, queued_bytes=65_536, restarts=0),
+                 WorkerStatus(pid=202, alive=False, ready=True, queued_bytes=0, restarts=1)],
+        io=IoStatus(read_calls=420, reads=7290, bytes_read=24_883_200, read_seconds=0.227, respawns=1, in_flight=1,
+                    packed=True, direct=False, lookahead=True),
+        heat=HeatStatus(values=[[0.0, 1.5, 9.25], [2.0, 0.0, 0.5]], resident=[[0, 2], [1]]),
+        memory=MemoryStatus(rss=96_669_696, resident_weights=479_904, expert_cache=1_474_560, kv_cache=3_500_000,
+                            other=91_235_232),
+        ranks=ranks)
+
 
 SAMPLES = [
     Ready(worker_id=3, pid=12345),
@@ -34,7 +72,8 @@ SAMPLES = [
     Finished(req_id="r1", reason="length", prompt_tokens=3, completion_tokens=5, ttft_s=0.1, decode_tps=9.5),
     Abort(req_id="r1"),
     StatusQuery(),
-    Status(snapshot={"state": "ready", "cache": {"hits": [1, 2]}, "x": None, "f": 1.5}),
+    Status(snapshot=full_status()),
+    Status(snapshot=loading_status()),
     Error(req_id=None, code="protocol", message="bad frame"),
     Ping(seq=1),
     Pong(seq=1),
@@ -61,6 +100,64 @@ def test_every_registered_type_has_a_sample():
 def test_read_items_decode_as_tuples():
     msg = decode(encode(Read(1, [(0, 1, 2, 3)])))
     assert msg.items == [(0, 1, 2, 3)] and type(msg.items[0]) is tuple
+
+
+def test_status_snapshot_round_trips_typed_through_msgpack_and_json():
+    import json
+    from dataclasses import asdict
+
+    snap = full_status()
+    got = decode(encode(Status(snap))).snapshot
+    assert got == snap and type(got.checkpoint.layer_range) is tuple and type(got.ranks[1]) is RankStatus
+    assert got.workers[1].alive is False and got.cache.used_slots == [12, 11] and got.loaded
+    # what `moed ps --json` prints reads back into the same struct
+    assert from_plain(DaemonStatus, json.loads(json.dumps(asdict(snap)))) == snap
+    assert from_plain(DaemonStatus, json.loads(json.dumps(asdict(loading_status())))) == loading_status()
+    assert not loading_status().loaded
+
+
+def _status_frames(edit) -> list[bytes]:
+    """A full status's frames, with its msgpack tree changed by `edit`."""
+    head, payload = encode(Status(full_status()))
+    tree = msgpack.unpackb(payload)
+    edit(tree[0])
+    return [head, msgpack.packb(tree, use_bin_type=True)]
+
+
+@pytest.mark.parametrize("edit, error", [
+    (lambda s: s["workers"][1].update(alive=1), r"Status\.snapshot\.workers\[1\]\.alive: expected bool, got int 1"),
+    (lambda s: s["cache"].update(hits="many"), r"Status\.snapshot\.cache\.hits: expected int"),
+    (lambda s: s["totals"].pop("aborted"), r"Status\.snapshot\.totals: missing field 'aborted'"),
+    (lambda s: s["memory"].update(swap=0), r"Status\.snapshot\.memory: unknown field 'swap'"),
+    (lambda s: s.update(progress=[0.5]), r"Status\.snapshot\.progress: expected a map of LoadProgress's fields"),
+    (lambda s: s["ranks"][0].update(layers=[0]), r"Status\.snapshot\.ranks\[0\]\.layers: expected 2 ints"),
+    (lambda s: s["heat"]["values"][1].__setitem__(0, "hot"), r"Status\.snapshot\.heat\.values\[1\]\[0\]: expected float"),
+    (lambda s: s.pop("state"), r"Status\.snapshot: missing field 'state'"),
+    (lambda s: s.update(checkpoint=None, cache=[]), r"Status\.snapshot\.cache: expected a map"),
+])
+def test_status_snapshot_rejects_malformed_naming_the_field(edit, error):
+    with pytest.raises(ProtocolError, match=error):
+        decode(_status_frames(edit))
+
+
+def test_status_from_json_rejects_malformed_naming_the_field():
+    import json
+    from dataclasses import asdict
+
+    plain = json.loads(json.dumps(asdict(full_status())))
+    plain["requests"][0]["tokens"] = 3.5
+    with pytest.raises(ProtocolError, match=r"^DaemonStatus\.requests\[0\]\.tokens: expected int, got float 3.5"):
+        from_plain(DaemonStatus, plain)
+    del plain["requests"]
+    with pytest.raises(ProtocolError, match=r"^DaemonStatus: missing field 'requests'"):
+        from_plain(DaemonStatus, plain)
+
+
+def test_top_level_field_errors_name_the_field():
+    with pytest.raises(ProtocolError, match=r"^ReadDone\.nbytes: expected int, got str"):
+        decode(_frames(0x04, [1, "2", None]))
+    with pytest.raises(ProtocolError, match=r"^Read\.items\[1\]: expected 4 ints"):
+        decode(_frames(0x03, [1, [(0, 0, 10, 0), (0, 0, 10)]]))
 
 
 def _frames(code: int, fields) -> list[bytes]:

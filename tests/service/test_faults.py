@@ -88,7 +88,7 @@ def test_truncated_shard_fails_requests_and_daemon_keeps_serving(private_daemon)
         with pytest.raises(RequestRejected) as e:
             c.complete(PROMPT, max_tokens=40)
         assert e.value.code == "internal" and victim.name in e.value.reason
-        assert c.status()["state"] == "ready"
+        assert c.status().state == "ready"
         victim.write_bytes(original)  # repaired: the same daemon serves again
         _, ids, fin = c.complete(PROMPT, max_tokens=16)
         assert fin.completion_tokens == 16
@@ -116,7 +116,7 @@ def test_protocol_fuzz_gets_errors_not_crashes(private_daemon, frames):
     finally:
         sock.close(0)
     with Client(str(private_daemon["runtime"])) as c:  # the daemon still answers
-        assert c.status()["state"] == "ready"
+        assert c.status().state == "ready"
 
 
 def test_protocol_garbage_then_generation_unaffected(private_daemon):
@@ -146,9 +146,9 @@ def test_access_modes_and_no_pickle(private_daemon):
     assert stat.S_IMODE(rt.stat().st_mode) == 0o700
     for name in ("daemon.json", "daemon.sock", "daemon.log", "daemon.pid"):
         assert stat.S_IMODE((rt / name).stat().st_mode) == 0o600, name
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     for folder in ("ipc", "client", "daemon", "workers"):
-        for src in (root / folder).glob("*.py"):
+        for src in (root / folder).rglob("*.py"):
             text = src.read_text()
             assert "import pickle" not in text and "pickle.load" not in text and "allow_pickle" not in text, src
     from moed.daemon.service.http import HttpServer
@@ -176,7 +176,7 @@ def test_load_16_clients_x_25_requests(private_daemon):
 
     with Client(runtime) as c:
         c.complete(PROMPT, max_tokens=8)
-        rss.append(c.status()["rss_bytes"])
+        rss.append(c.status().rss_bytes)
     threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
     for t in threads:
         t.start()

@@ -22,12 +22,23 @@ from moed.client import dashboard as dash
 from moed.client.client import DaemonDied
 from moed.client.top import KeyReader, Poller
 from moed.client.view import Rates, Sample, Tracker, View
+from moed.ipc.codec import from_plain
+from moed.ipc.messages import DaemonStatus
 
 # ---------------------------------------------------------------------- fixed snapshots
 
+TOTALS = {"requests": 0, "completed": 0, "rejected": 0, "aborted": 0, "failed": 0, "prompt_tokens": 0,
+          "completion_tokens": 0, "generated_tokens": 0, "peak_active": 0}
 LOADING = {"state": "loading", "progress": {"phase": "mapping experts", "done": 0.42}, "pid": 4242,
            "uptime_s": 3.2, "model": "/models/med-qwen3_moe", "rss_bytes": 52_000_000, "http": None,
-           "clients": 1}
+           "clients": 1, "requests": [], "decode_tps": 0.0, "prefill_tps": 0.0, "kv_cache_bytes": 0,
+           "totals": TOTALS, "max_queue": 32, "context": None, "checkpoint": None, "cache": None, "workers": [],
+           "io": None, "heat": None, "memory": None, "ranks": []}
+
+
+def typed(snap: dict) -> DaemonStatus:
+    """A fixture written as `moed ps --json` prints it -> the DaemonStatus the daemon sends."""
+    return from_plain(DaemonStatus, snap)
 
 
 def _busy() -> dict:
@@ -48,21 +59,22 @@ def _busy() -> dict:
              "state": "prefill", "tps": 0.0, "age_s": 0.3},
         ],
         "decode_tps": 171.18, "prefill_tps": 97.26, "kv_cache_bytes": 3_500_000,
-        "totals": {"requests": 9, "completed": 6, "rejected": 1, "aborted": 0, "prompt_tokens": 850,
-                   "completion_tokens": 1200},
-        "max_queue": 32, "context": 32768, "arch": "qwen3_5_moe", "quantization": 4, "layers": 4, "top_k": 4,
-        "non_expert_bytes": 479_904, "expert_bytes": 1_966_080,
+        "totals": dict(TOTALS, requests=9, completed=6, rejected=1, prompt_tokens=850, completion_tokens=1200),
+        "max_queue": 32, "context": 32768,
+        "checkpoint": {"arch": "qwen3_5_moe", "quantization": 4, "layers": 4, "top_k": 4,
+                       "non_expert_bytes": 479_904, "expert_bytes": 1_966_080, "layer_range": [0, 4]},
         "cache": {"budget_bytes": 1_474_560, "slots_per_layer": [12] * 4, "experts_per_layer": [16] * 4,
                   "used_slots": [12, 12, 12, 11], "hits": 2920, "misses": 810, "hit_rate": 2920 / 3730,
-                  "bytes_read": 24_883_200, "read_seconds": 0.255,
+                  "bytes_read": 24_883_200, "read_seconds": 0.255, "prefetched": 0, "prefetch_used": 0,
                   "layer_hits": [730, 720, 730, 740], "layer_misses": [190, 210, 220, 190]},
-        "workers": [{"pid": 12475, "alive": True, "queued_bytes": 65_536, "restarts": 0},
-                    {"pid": 12476, "alive": False, "queued_bytes": 0, "restarts": 1}],
+        "workers": [{"pid": 12475, "alive": True, "ready": True, "queued_bytes": 65_536, "restarts": 0},
+                    {"pid": 12476, "alive": False, "ready": True, "queued_bytes": 0, "restarts": 1}],
         "io": {"read_calls": 420, "reads": 7290, "bytes_read": 24_883_200, "read_seconds": 0.227, "respawns": 1,
-               "in_flight": 1},
+               "in_flight": 1, "packed": True, "direct": False, "lookahead": True},
         "heat": {"values": heat, "resident": resident},
         "memory": {"rss": 96_669_696, "resident_weights": 479_904, "expert_cache": 1_474_560,
                    "kv_cache": 3_500_000, "other": 91_235_232},
+        "ranks": [],
     }
 
 
@@ -71,13 +83,14 @@ def _med() -> dict:
     s = _busy()
     heat = [[round(((i * 7 + e * 13) % 29) / 3, 2) if e % 5 else 0.0 for e in range(128)] for i in range(12)]
     resident = [[e for e in range(128) if (e + i) % 3 == 0] for i in range(12)]
-    s.update(model="/models/med-qwen3_moe", arch="qwen3_moe", layers=12, top_k=8, requests=[],
-             non_expert_bytes=90_000_000, expert_bytes=3_200_000_000, decode_tps=12.5,
-             heat={"values": heat, "resident": resident},
-             workers=[{"pid": 100 + i, "alive": True, "queued_bytes": 0, "restarts": 0} for i in range(2)])
+    s.update(model="/models/med-qwen3_moe", requests=[], decode_tps=12.5, heat={"values": heat, "resident": resident},
+             workers=[{"pid": 100 + i, "alive": True, "ready": True, "queued_bytes": 0, "restarts": 0}
+                      for i in range(2)])
+    s["checkpoint"] = dict(s["checkpoint"], arch="qwen3_moe", layers=12, top_k=8, non_expert_bytes=90_000_000,
+                           expert_bytes=3_200_000_000, layer_range=[0, 12])
     s["cache"] = {"budget_bytes": 800_000_000, "slots_per_layer": [43] * 12, "experts_per_layer": [128] * 12,
                   "used_slots": [43] * 12, "hits": 50_000, "misses": 20_000, "hit_rate": 5 / 7,
-                  "bytes_read": 9_000_000_000, "read_seconds": 4.5,
+                  "bytes_read": 9_000_000_000, "read_seconds": 4.5, "prefetched": 0, "prefetch_used": 0,
                   "layer_hits": [4000 + 100 * i for i in range(12)], "layer_misses": [1700] * 12}
     s["io"] = dict(s["io"], respawns=0, in_flight=0)
     return s
@@ -104,7 +117,7 @@ def _view(*snaps: dict, dt: float = 1.0) -> View:
     tr = Tracker(interval=0.5)
     v = None
     for i, s in enumerate(snaps):
-        v = tr.update(s, now=100.0 + i * dt)
+        v = tr.update(typed(s), now=100.0 + i * dt)
     return v
 
 
@@ -186,7 +199,7 @@ def test_heat_cells_mark_residents():
 
 def test_dead_daemon_and_full_dashboard():
     tr = Tracker()
-    v = tr.update(_busy(), now=1.0)
+    v = tr.update(typed(_busy()), now=1.0)
     dead = tr.failed("DaemonDied: the moed daemon (pid 12466) died", now=2.0)
     out = _text(dash.dashboard(dead, width=100))
     assert "daemon died" in out and "pid 12466" in out and "tiny-qwen3_5_moe" in out
@@ -221,11 +234,11 @@ def test_sparkline_and_tracker_history():
     assert dash.sparkline((), 0.0, 5, 5.0) == "     "
     tr = Tracker(interval=1.0, history_s=5.0)
     for i in range(10):
-        v = tr.update(_busy(), now=float(i))
+        v = tr.update(typed(_busy()), now=float(i))
     assert len(v.history["decode"]) == 6 and v.history["decode"][0][0] == 4.0  # last 5 s only
-    other = dict(_busy(), pid=1)  # a new daemon: the history starts over
+    other = typed(dict(_busy(), pid=1))  # a new daemon: the history starts over
     assert len(tr.update(other, now=10.0).history["decode"]) == 1
-    assert Rates.between(Sample.of(_busy(), 1.0), Sample.of(_busy(), 1.0)) == Rates()
+    assert Rates.between(Sample.of(typed(_busy()), 1.0), Sample.of(typed(_busy()), 1.0)) == Rates()
 
 
 def test_poller_reports_a_dead_daemon():
@@ -237,7 +250,7 @@ def test_poller_reports_a_dead_daemon():
             self.calls += 1
             if self.calls > 2:
                 raise DaemonDied("the moed daemon (pid 12466) died")
-            return _busy()
+            return typed(_busy())
 
         def close(self):
             self.closed = True
@@ -248,7 +261,7 @@ def test_poller_reports_a_dead_daemon():
     p.join(5)
     assert not p.is_alive() and client.closed
     v = p.latest()
-    assert v.error and "DaemonDied" in v.error and v.polls == 2 and v.snapshot["pid"] == 12466
+    assert v.error and "DaemonDied" in v.error and v.polls == 2 and v.snapshot.pid == 12466
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="termios/pty are POSIX")
@@ -359,7 +372,7 @@ def test_top_live_in_tmux():
                                text=True, timeout=180)
         assert start.returncode == 0, start.stderr
         with Client(runtime, name="tui-test") as c:
-            pids = [int(c.info["pid"])] + [w["pid"] for w in c.status()["workers"]]
+            pids = [int(c.info["pid"])] + [w.pid for w in c.status().workers]
 
         def top_cmd(tag: str) -> str:
             inner = " ".join(shlex.quote(x) for x in ["env", "-u", "COLUMNS", "-u", "LINES",

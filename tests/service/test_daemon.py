@@ -15,7 +15,9 @@ import pytest
 from daemon_util import CLI, assert_nothing_left, env_for, free_port, moed, status, wait_until
 
 from moed.client.client import Client, DaemonDied, DaemonNotRunning, RequestRejected
-from moed.ipc.messages import Finished
+from moed.daemon.service.status import PUBLISH_S
+from moed.ipc.codec import decode, encode, from_plain
+from moed.ipc.messages import DaemonStatus, Finished, Status
 
 PROMPT_A = "The paged expert cache"
 PROMPT_B = "Once upon a time, in a land of small memories and large models,"
@@ -128,6 +130,65 @@ def test_http_api_errors_and_metrics(daemon):
     assert httpx.post(f"{base}/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
+def test_ps_json_is_the_typed_status(daemon):
+    """`moed ps --json` prints the DaemonStatus the daemon sends, and it reads back into one, strictly."""
+    snap = from_plain(DaemonStatus, status(daemon["env"]))
+    assert snap.loaded and snap.pid == daemon["pid"] and snap.model == daemon["model"]
+    assert snap.checkpoint.arch == "qwen3_moe" and snap.checkpoint.layer_range == (0, snap.checkpoint.layers)
+    assert len(snap.workers) == 2 and all(w.alive and w.ready for w in snap.workers)
+    assert snap.cache.budget_bytes < snap.checkpoint.expert_bytes and snap.memory.rss == snap.rss_bytes
+    assert len(snap.heat.values) == len(snap.cache.slots_per_layer) == len(snap.heat.resident)
+    assert snap.http == f"127.0.0.1:{daemon['port']}" and snap.ranks == []
+
+
+def test_status_is_published_by_the_engine_loop_not_built_per_query(daemon):
+    """The frontend serves the snapshot the engine loop last published, as it is: queries between
+    two publishes get the same one, and an idle daemon still republishes every PUBLISH_S."""
+    with Client(str(daemon["runtime"])) as c:
+        t0, seen = time.monotonic(), []
+        while time.monotonic() - t0 < 2.0:
+            seen.append(c.status().uptime_s)
+    assert len(seen) > 40
+    assert 2 <= len(set(seen)) <= 2.0 / PUBLISH_S + 2, sorted(set(seen))
+
+
+def test_status_answers_while_loading_and_is_built_on_the_engine_thread(tiny_models, tmp_path):
+    """Supervisor.status(), what the frontend's I/O thread calls, returns the snapshot the loading
+    (engine) thread last stored, as it is: state "loading" with its progress, then the loaded one."""
+    from moed.daemon.service.supervisor import DaemonConfig, Supervisor
+
+    sup = Supervisor(DaemonConfig(model=str(tiny_models["qwen3_moe"]), runtime_dir=str(tmp_path / "rt")))
+    first = sup.status()
+    assert first.state == "starting" and sup.status() is first  # stored once, not built per call
+    seen, done = [], threading.Event()
+
+    def poll():  # another thread, as the frontend's
+        while not done.is_set():
+            seen.append(sup.status())
+            time.sleep(0.001)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        sup._load()  # this thread is the engine's: it publishes as the load goes
+    finally:
+        done.set()
+        poller.join()
+    try:
+        loading = [s for s in seen if s.state == "loading"]
+        assert loading and all(not s.loaded and s.cache is None and s.checkpoint is None for s in loading)
+        assert len({s.progress.phase for s in loading}) >= 2, {s.progress.phase for s in loading}
+        last = sup.status()
+        assert sup.status() is last and last.state == "loading"  # nothing rebuilds it until the loop publishes
+        sup.state = "ready"
+        sup._publish(force=True)
+        snap = sup.status()
+        assert snap.loaded and snap.checkpoint.arch == "qwen3_moe" and len(snap.workers) == 2
+        assert decode(encode(Status(snap))).snapshot == snap
+    finally:
+        sup.pm.close()
+
+
 def test_native_bad_input_and_abort(daemon, monkeypatch):
     monkeypatch.setenv("MOED_RUNTIME_DIR", str(daemon["runtime"]))
     with Client() as c:
@@ -137,7 +198,7 @@ def test_native_bad_input_and_abort(daemon, monkeypatch):
         gen = c.generate(PROMPT_A, max_tokens=400)
         next(gen)
         gen.close()  # closing the stream aborts it
-        wait_until(lambda: c.status()["totals"]["aborted"] >= 1)
+        wait_until(lambda: c.status().totals.aborted >= 1)
         assert c.complete(PROMPT_A, max_tokens=3)[2].completion_tokens == 3
 
 
@@ -195,8 +256,8 @@ def test_sigkilled_daemon_raises_daemon_died_and_restart_cleans_up(tiny_models, 
     try:
         wait_until(lambda: (runtime / "daemon.json").exists(), timeout=60)
         client = Client(str(runtime))
-        wait_until(lambda: client.status()["state"] == "ready", timeout=60)
-        workers = [w["pid"] for w in client.status()["workers"]]
+        wait_until(lambda: client.status().state == "ready", timeout=60)
+        workers = [w.pid for w in client.status().workers]
         gen = client.generate(PROMPT_B, max_tokens=5000)
         next(gen)
         daemon.send_signal(signal.SIGKILL)

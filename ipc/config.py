@@ -1,0 +1,152 @@
+"""The paging options, declared once: how big the expert cache is and how experts are read.
+
+They travel: CLI flags -> `moed daemon` argv -> DaemonConfig -> `load_paged`, and to the bench's
+subprocesses and every rank of a split model. Each field carries its flag and help, so a new option
+is one field here; `add_args` makes the flags, `from_args` reads them back, `to_argv` writes them
+again for a process re-run with the same configuration, `as_dict`/`from_dict` for JSON.
+
+Here, under ipc/, because both sides need it: the CLI builds its parser with it without loading
+the daemon or MLX (plain data and argparse, no imports of moed), and the engine loads with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+DTYPES = ("float32",)  # casts `--dtype` offers (the loader maps each to its MLX dtype)
+EXCLUSIVE = ("cache_fraction", "cache_gb")  # two ways to size the cache: one at most
+ADDED = "paging_fields"  # the parsed namespace's record of the fields add_args made flags for
+KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _option(default: Any, flag: str, help: str, *, sizes: bool = False,
+            valid: tuple[Callable[[Any], bool], str] | None = None, **argparse_kw: Any) -> Any:
+    """A field with its flag and help. `sizes`: it sizes the cache (what `moed plan` takes);
+    `valid`: (test of a set value, what it must be); `argparse_kw`: add_argument's type/action/choices."""
+    return field(default=default, metadata={"flag": flag, "help": help, "sizes": sizes, "valid": valid,
+                                            "argparse": argparse_kw})
+
+
+@dataclass(frozen=True)
+class PagingConfig:
+    """The expert cache's size and how experts are read; checked when built (each field against its
+    annotation and its own test; a bad value raises ValueError naming the flag)."""
+
+    cache_fraction: float | None = _option(
+        None, "--cache-fraction", "share of each layer's experts kept in RAM (0-1]", sizes=True, type=float,
+        valid=(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    cache_gb: float | None = _option(  # split evenly over the layers
+        None, "--cache-gb", "expert cache budget in GB", sizes=True, type=float,
+        valid=(lambda v: 0 < v < math.inf, "must be a positive number of GB"))
+    workers: int = _option(2, "--workers", "I/O worker processes (default 2)", sizes=True, type=int,
+                           valid=(lambda v: v >= 1, "must be at least 1"))
+    dtype: str | None = _option(  # at load, and as experts are paged in
+        None, "--dtype", "cast bf16/fp16 weights and scales to float32", sizes=True, choices=list(DTYPES),
+        valid=(lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}"))
+    top_k: int | None = _option(None, "--top-k", "route each token to K experts instead of the model's top-k",
+                                sizes=True, type=int, valid=(lambda v: v >= 1, "must be at least 1"))
+    warm: bool = _option(True, "--no-warm", "start with an empty expert cache (default: fill it at load)",
+                         action="store_false")
+    lookahead: bool | None = _option(  # None: moed.daemon.engine.budget.LOOKAHEAD_BELOW decides
+        None, "--lookahead", "read the next layer's predicted experts while this layer computes "
+        "(default: whenever a layer does not hold all its experts)", action=argparse.BooleanOptionalAction)
+    direct: bool = _option(False, "--direct", "read experts bypassing the page cache (O_DIRECT on Linux, "
+                           "F_NOCACHE on macOS)", action="store_true")
+    packed: bool = _option(True, "--no-pack", "read experts from the safetensors shards even if `moed pack` made "
+                           "a packed store", action="store_false")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v, (kind, optional) = getattr(self, f.name), _kind(f.name)
+            if v is None and optional:
+                continue
+            if kind is float and type(v) is int:  # JSON and Python write 1 for 1.0
+                object.__setattr__(self, f.name, v := float(v))
+            if type(v) is not kind:  # bool is no int here
+                raise _bad(f.name, v, f"must be {KINDS[kind]}" + (" or unset" if optional else ""))
+            if f.metadata["valid"] is not None and not f.metadata["valid"][0](v):
+                raise _bad(f.name, v, f.metadata["valid"][1])
+        if all(getattr(self, name) is not None for name in EXCLUSIVE):
+            raise ValueError(f"give {' or '.join(map(flag_of, EXCLUSIVE))}, not both")
+
+    # ------------------------------------------------------------------ command lines
+
+    @classmethod
+    def add_args(cls, parser: argparse.ArgumentParser, only: Iterable[str] | None = None) -> None:
+        """Add the flags (all, or the fields named in `only`) to `parser`, with their help and defaults."""
+        names = None if only is None else set(only)
+        if names is not None and (unknown := names - {f.name for f in fields(cls)}):
+            raise ValueError(f"not paging options: {', '.join(sorted(unknown))}")
+        chosen = [f for f in fields(cls) if names is None or f.name in names]
+        size = None  # --cache-fraction and --cache-gb: one way to size the cache
+        for f in chosen:
+            m, where = f.metadata, parser
+            if f.name in EXCLUSIVE:
+                where = size = size or parser.add_mutually_exclusive_group()
+            where.add_argument(m["flag"], dest=f.name, default=f.default, help=m["help"], **m["argparse"])
+        parser.set_defaults(**{ADDED: tuple(f.name for f in chosen)})  # what from_args reads back
+
+    @classmethod
+    def sizing(cls) -> tuple[str, ...]:
+        """The fields that size the cache: what `moed plan` takes (it refuses the others' flags)."""
+        return tuple(f.name for f in fields(cls) if f.metadata["sizes"])
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> PagingConfig:
+        """The configuration of flags that `add_args` added (the others keep their defaults: a verb's
+        own option of the same name, such as the bench's `--lookahead` sweep, is not read)."""
+        names = getattr(ns, ADDED, None)
+        if names is None:
+            raise ValueError("PagingConfig.from_args: these arguments were not parsed with PagingConfig.add_args")
+        return cls(**{name: getattr(ns, name) for name in names})
+
+    def to_argv(self) -> list[str]:
+        """Flags that parse back to this configuration (defaults are left out)."""
+        out: list[str] = []
+        for f in fields(self):
+            v, m = getattr(self, f.name), f.metadata
+            if v == f.default:
+                continue
+            action = m["argparse"].get("action")
+            if action is argparse.BooleanOptionalAction:
+                out.append(m["flag"] if v else "--no-" + m["flag"][2:])
+            elif action in ("store_true", "store_false"):
+                out.append(m["flag"])  # a switch differs from its default only one way
+            else:
+                out += [m["flag"], str(v)]
+        return out
+
+    # ------------------------------------------------------------------ JSON
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PagingConfig:
+        names = {f.name for f in fields(cls)}
+        if unknown := sorted(set(d) - names):
+            raise ValueError(f"unknown paging option(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        return cls(**d)
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of a PagingConfig field (errors name what the user typed)."""
+    return next(f.metadata["flag"] for f in fields(PagingConfig) if f.name == name)
+
+
+def _bad(name: str, value: Any, why: str) -> ValueError:
+    return ValueError(f"{flag_of(name)} {why}, got {value!r}")
+
+
+@functools.cache
+def _kind(name: str) -> tuple[type, bool]:
+    """(the type, whether None is allowed) of a field, from its annotation."""
+    hint = typing.get_type_hints(PagingConfig)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return args[0], len(args) < len(typing.get_args(hint))
