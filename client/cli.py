@@ -1,7 +1,6 @@
-"""The `moed` command line.
-
-Verbs that run the engine in this process (make-model, generate, bench) import the MLX side
-lazily, so the client-side verbs stay light.
+"""The `moed` command line: every verb's arguments, the client verbs (start, stop, ps, logs, run,
+chat, top), and a table of the engine verbs (moed.daemon.verbs, imported only when one runs), so the
+client verbs never load MLX or the daemon.
 """
 
 from __future__ import annotations
@@ -14,162 +13,25 @@ from moed.client import launch
 from moed.ipc.config import PagingConfig
 
 
-def cmd_make_model(a: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from moed.daemon.tools.synthetic import make_model
-
-    if a.skip_existing and (Path(a.dir) / "config.json").exists():
-        print(f"{a.dir} exists, kept")
-        return 0
-    s = make_model(a.dir, a.arch, a.preset, size_gb=a.size_gb, dtype=a.dtype, seed=a.seed)
-    print(f"wrote {s['path']}: {s['arch']} {s['preset']}, {s['total_bytes'] / 1e6:.1f} MB "
-          f"({s['expert_bytes'] / 1e6:.1f} MB experts) in {s['shards']} shards")
-    return 0
+# The verbs that run MLX in this process live in moed.daemon.verbs, imported only when one runs.
+ENGINE_VERBS = {"make-model": "cmd_make_model", "plan": "cmd_plan", "pack": "cmd_pack", "generate": "cmd_generate",
+                "trace": "cmd_trace", "policy": "cmd_policy", "bench": "cmd_bench", "daemon": "cmd_daemon"}
 
 
-def _launched(a: argparse.Namespace) -> int | None:
-    """With --ranks/--hosts: run this very command on every rank, in the foreground."""
-    from moed.client import launch
+def engine_verb(name: str):
+    """The `fn` of engine verb `name`: imports moed.daemon.verbs when called."""
+    def run(a: argparse.Namespace) -> int:
+        from importlib import import_module
 
-    if not launch.wants_launch(a):
-        return None
-    return launch.run(launch.strip_rank_args(a.argv), a.ranks, a.hosts)
+        return getattr(import_module("moed.daemon.verbs"), ENGINE_VERBS[name])(a)
 
-
-def cmd_plan(a: argparse.Namespace) -> int:
-    from dataclasses import replace
-    from functools import partial
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from moed.daemon.engine.budget import mb
-    from moed.daemon.tools.plan import forecast, largest_fraction, make_plan, measure_profile, read_checkpoint
-
-    paging = PagingConfig.from_args(a)
-    ck = read_checkpoint(a.model)
-    plan_for = partial(make_plan, ck, context=a.context, ram_gb=a.ram)
-    plan = plan_for(paging)
-    profile = measure_profile(ck, dtype=paging.dtype) if a.measure else None
-    fits_at = largest_fraction(lambda f: plan_for(replace(paging, cache_fraction=f, cache_gb=None)), plan.ram_bytes)
-    if profile:
-        plan.forecast = forecast(plan, profile)
-    if a.json:
-        print(json.dumps({**plan.as_dict(), "profile": profile, "largest_fitting_fraction": fits_at}))
-        return 0 if plan.fits else 1
-    t = Table(title=f"moed plan: {plan.model}", title_justify="left")
-    for c in ("", "bytes", ""):
-        t.add_column(c, justify="right" if c == "bytes" else "left")
-    for name, n, note in plan.lines():
-        t.add_row(name, mb(n), note)
-    t.add_row("[bold]total[/]", f"[bold]{mb(plan.total_bytes)}[/]",
-              f"of {mb(plan.ram_bytes)} {'given' if a.ram else 'available'}: "
-              + ("[green]fits[/]" if plan.fits else "[red]does not fit[/]"))
-    con = Console()
-    con.print(t)
-    con.print(f"largest cache fraction that fits: {fits_at if fits_at is not None else 'none'}"
-              f" (experts on disk: {mb(plan.expert_bytes)})")
-    if profile:
-        f = plan.forecast
-        con.print(f"this machine: one token's {plan.top_k} experts of a layer in {profile['expert_layer_s'] * 1e3:.2f} ms "
-                  f"({profile['expert_compute_gbps']:.2f} GB/s of weights), parallel reads {profile['disk_gbps']:.2f} GB/s "
-                  f"({profile['disk_cache_state']})")
-        con.print(f"forecast: [bold]{f['decode_tps']:.2f} tok/s[/] decode (all resident: {f['resident_decode_tps']:.2f}), "
-                  f"hit rate ~{f['hit_rate']:.0%}")
-    return 0 if plan.fits else 1
-
-
-def cmd_pack(a: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from moed.daemon.tools.pack import pack
-
-    with Progress(TextColumn("[bold]moed pack[/] {task.description}"), BarColumn(),
-                  TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), transient=True) as bar:
-        task = bar.add_task("reading headers", total=1.0)
-        s = pack(a.dir, progress=lambda phase, done: bar.update(task, description=phase, completed=done))
-    print(f"wrote {s['dir']}: {s['layers']} layers, {s['packed_bytes'] / 1e6:.1f} MB "
-          f"({s['expert_bytes'] / 1e6:.1f} MB of experts, page-aligned records), verified")
-    return 0
-
-
-def cmd_generate(a: argparse.Namespace) -> int:
-    paging = PagingConfig.from_args(a)  # refused here, before any rank starts
-    if (code := _launched(a)) is not None:
-        return code
-    from dataclasses import asdict
-
-    from moed.daemon.dist.ranks import link, rank_status
-    from moed.daemon.engine.generate import SamplingParams, encode_prompt, peak_rss_bytes, run
-    from moed.daemon.engine.loader import load_paged
-
-    lk = link()
-    rank = lk.rank if lk else 0
-    with load_paged(a.model, paging, group=lk.group if lk else None) as pm:
-        prompt = encode_prompt(pm.tokenizer, a.prompt, chat=a.chat)
-        params = SamplingParams(max_tokens=a.max_tokens, temp=a.temp, seed=a.seed, ignore_eos=a.ignore_eos)
-        echo = None if a.json or rank else (lambda t: print(t, end="", flush=True))
-        res = run(pm.model, pm.tokenizer, prompt, params, on_text=echo)
-        ranks = [asdict(s) for s in lk.gather(rank_status(pm, rank))] if lk else []
-        st = pm.store.stats
-        hits, misses = (sum(r["hits"] for r in ranks), sum(r["misses"] for r in ranks)) if ranks else (st.hits, st.misses)
-        out = {**res.as_dict(), "hit_rate": hits / max(1, hits + misses),
-               "bytes_read": sum(r["bytes_read"] for r in ranks) if ranks else st.bytes_read,
-               "peak_rss_bytes": peak_rss_bytes(), "cache_bytes": pm.info["cache_bytes"],
-               "non_expert_bytes": pm.non_expert_bytes, "expert_bytes": pm.expert_bytes,
-               "slots_per_layer": pm.info["slots_per_layer"], "workers": paging.workers,
-               "worker_pids": pm.fetcher.pids, "ranks": ranks}
-    if rank:
-        return 0
-    if a.json:
-        print(json.dumps(out))
-    else:
-        print(f"\n\n[moed] {len(res.tokens)} tokens | prefill {res.prefill_tps:.1f} tok/s | "
-              f"decode {res.decode_tps:.2f} tok/s | hit rate {st.hit_rate:.1%} | "
-              f"read {st.bytes_read / 1e6:.1f} MB | cache {out['cache_bytes'] / 1e6:.1f} MB | "
-              f"peak RSS {out['peak_rss_bytes'] / 1e6:.0f} MB", file=sys.stderr)
-    return 0
-
-
-def cmd_trace(a: argparse.Namespace) -> int:
-    from moed.daemon.engine.generate import SamplingParams
-    from moed.daemon.tools.trace import record_trace, save_trace
-
-    params = SamplingParams(max_tokens=a.max_tokens, temp=a.temp, seed=a.seed, ignore_eos=True)
-    trace = record_trace(a.model, a.prompt, params, workers=PagingConfig.from_args(a).workers)
-    save_trace(trace, a.out)
-    print(f"wrote {a.out}: {trace['tokens']} tokens, {len(trace['steps'])} layer visits")
-    return 0
-
-
-def cmd_policy(a: argparse.Namespace) -> int:
-    from moed.daemon.tools.policy import main as policy_main
-
-    return policy_main([a.trace, *a.args])
-
-
-def cmd_bench(a: argparse.Namespace) -> int:
-    from moed.daemon.tools.bench import main as bench_main
-
-    return bench_main(a)
-
-
-DEMO_ARCH = "qwen3_5_moe"
+    return run
 
 
 def demo_model() -> str:
-    """The tiny demo checkpoint, built on first use under the user cache."""
-    import os
-    from pathlib import Path
+    from moed.daemon.verbs import demo_model
 
-    home = Path(os.environ.get("MOED_HOME") or Path.home() / ".cache" / "moed")
-    path = home / "models" / f"tiny-{DEMO_ARCH}"
-    if not (path / "config.json").exists():
-        from moed.daemon.tools.synthetic import make_model
-
-        make_model(path, DEMO_ARCH, "tiny", seed=0)
-    return str(path)
+    return demo_model()
 
 
 def _daemon_args(a: argparse.Namespace) -> list[str]:
@@ -190,21 +52,6 @@ def cmd_start(a: argparse.Namespace) -> int:
     from moed.client import control
 
     return control.start(_daemon_args(a), ranks=a.ranks, hosts=a.hosts)
-
-
-def cmd_daemon(a: argparse.Namespace) -> int:
-    paging = PagingConfig.from_args(a)
-    if (code := _launched(a)) is not None:
-        return code
-    from moed.daemon.dist.ranks import link
-    from moed.daemon.service.supervisor import DaemonConfig
-    from moed.daemon.service.supervisor import main as supervise
-
-    model = demo_model() if a.demo else a.model
-    if not model:
-        raise ValueError("give --model DIR (or --demo)")
-    return supervise(DaemonConfig(model=model, paging=paging, max_batch=a.max_batch, max_queue=a.max_queue,
-                                  http=a.http, api_key=a.api_key), link())
 
 
 def cmd_stop(a: argparse.Namespace) -> int:
@@ -282,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--skip-existing", action="store_true", help="do nothing if DIR already holds a model")
-    m.set_defaults(fn=cmd_make_model)
+    m.set_defaults(fn=engine_verb("make-model"))
 
     pl = sub.add_parser("plan", help="memory a configuration needs (headers only) and forecast decode tok/s")
     pl.add_argument("--model", required=True)
@@ -292,11 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="no forecast (skip measuring this machine's compute and disk)")
     pl.add_argument("--json", action="store_true")
     PagingConfig.add_args(pl, only=PagingConfig.sizing())  # and refuses the flags it would ignore
-    pl.set_defaults(fn=cmd_plan)
+    pl.set_defaults(fn=engine_verb("plan"))
 
     pk = sub.add_parser("pack", help="repack the experts into page-aligned records (one read per expert)")
     pk.add_argument("dir", help="checkpoint dir or Hugging Face repo id (local cache); writes DIR/moed-pack")
-    pk.set_defaults(fn=cmd_pack)
+    pk.set_defaults(fn=engine_verb("pack"))
 
     g = sub.add_parser("generate", help="generate in this process through the paged engine")
     g.add_argument("--model", required=True, help="checkpoint dir or Hugging Face repo id (local cache)")
@@ -309,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens (benchmarks)")
     PagingConfig.add_args(g)
     launch.add_rank_args(g)
-    g.set_defaults(fn=cmd_generate)
+    g.set_defaults(fn=engine_verb("generate"))
 
     tr = sub.add_parser("trace", help="record which experts each layer needs per decode step")
     tr.add_argument("--model", required=True)
@@ -319,11 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--temp", type=float, default=1.0)
     tr.add_argument("--seed", type=int, default=0)
     PagingConfig.add_args(tr, only=["workers"])  # the trace's cache is its own: the smallest
-    tr.set_defaults(fn=cmd_trace)
+    tr.set_defaults(fn=engine_verb("trace"))
     po = sub.add_parser("policy", help="replay a trace under LRU/LFU/LFUDA/Belady, per-layer or global pools")
     po.add_argument("trace")
     po.add_argument("args", nargs=argparse.REMAINDER, help="--fractions 0.1,0.25,0.5 --out FILE.json ...")
-    po.set_defaults(fn=cmd_policy)
+    po.set_defaults(fn=engine_verb("policy"))
 
     b = sub.add_parser("bench", help="mlx-lm resident vs moed at several cache sizes, one run")
     b.add_argument("--model", required=True)
@@ -345,10 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=1,
                    help="run the whole sweep N times, interleaved; ratios pair each run with its round's mlx-lm")
     b.add_argument("--top-k", dest="top_ks", help="e.g. 10,8,6,4: speed and quality (KL, top-1 agreement) per K")
-    b.set_defaults(fn=cmd_bench)
+    b.set_defaults(fn=engine_verb("bench"))
 
     for name, fn, hlp in (("start", cmd_start, "start the daemon in the background and wait until it serves"),
-                          ("daemon", cmd_daemon, "run the daemon in the foreground (Procfile, debugging)")):
+                          ("daemon", engine_verb("daemon"), "run the daemon in the foreground (Procfile, debugging)")):
         d = sub.add_parser(name, help=hlp)
         d.add_argument("--model", help="checkpoint dir or Hugging Face repo id (local cache)")
         d.add_argument("--demo", action="store_true", help="serve the tiny synthetic model (built on first use)")

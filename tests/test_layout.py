@@ -120,3 +120,15 @@ def test_client_imports_neither_mlx_nor_the_daemon():
             "bad = [m for m in sys.modules if m.startswith(('mlx', 'moed.daemon'))]; print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_cli_dispatches_engine_verbs_by_a_table():
+    """Every engine verb the parser offers is a function of moed.daemon.verbs, reached by name."""
+    import argparse
+
+    import moed.daemon.verbs as verbs
+    from moed.client.cli import ENGINE_VERBS, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(ENGINE_VERBS) <= set(sub.choices)
+    assert all(callable(getattr(verbs, fn)) for fn in ENGINE_VERBS.values())
