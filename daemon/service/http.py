@@ -69,7 +69,7 @@ def _number(body: dict, key: str, default, lo, hi, kind=float):
 
 def sampling(body: dict, default_max: int) -> dict:
     """OpenAI sampling fields -> Generate fields, validated."""
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -78,7 +78,7 @@ def sampling(body: dict, default_max: int) -> dict:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ApiError(400, "'seed' must be an integer")
-    return {"max_tokens": _number({"m": max_tokens}, "m", default_max, 1, 1 << 20, int),
+    return {"max_tokens": _number(body, max_key, default_max, 1, 1 << 20, int),
             "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
             "top_p": _number(body, "top_p", 1.0, 0.0, 1.0), "seed": seed, "stop": stop}
 
@@ -301,7 +301,7 @@ class HttpServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="moed-http", daemon=True)
 
-    def start(self) -> "HttpServer":
+    def start(self) -> HttpServer:
         self.thread.start()
         deadline = time.monotonic() + 10
         while not self.server.started and self.thread.is_alive() and time.monotonic() < deadline:

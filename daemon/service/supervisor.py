@@ -15,6 +15,7 @@ import queue
 import secrets
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -94,8 +95,10 @@ class Supervisor:
         token = secrets.token_urlsafe(32)
         self.frontend = Frontend(self.files.endpoint, token, os.path.basename(str(self.cfg.model)), self.status)
         self.frontend.start()
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        on_main = threading.current_thread() is threading.main_thread()  # signals: the main thread's only
+        if on_main:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
         write_connection(self.files, {"endpoint": self.files.endpoint, "token": token, "pid": os.getpid(),
                                       "model": str(self.cfg.model), "http": self.cfg.http,
                                       "log": str(self.files.log)})
@@ -113,7 +116,8 @@ class Supervisor:
             return 1 if self.failed else 0
         finally:
             self._shutdown()
-            ignore_stop_signals()
+            if on_main:
+                ignore_stop_signals()
 
     def stop(self) -> None:
         """Ask the loop to stop (from any thread, or a signal handler)."""

@@ -27,6 +27,37 @@ _YARN = {
     "mscale_all_dim": 1.0,
 }
 
+# Ling-2.0's MoE (bailing_moe, bailing_moe_linear): dense first layer, sigmoid + expert_bias,
+# groups 4/2, routed scaling 2.5, 1 shared expert, qk norm, partial rotary.
+_LING2_MOE = {
+    "num_experts": 16,
+    "num_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "norm_topk_prob": True,
+    "score_function": "sigmoid",
+    "moe_router_enable_expert_bias": True,
+    "routed_scaling_factor": 2.5,
+    "n_group": 4,
+    "topk_group": 2,
+    "use_qk_norm": True,
+    "partial_rotary_factor": 0.5,
+}
+
+# DeepSeek-V3's MoE (deepseek_v3, deepseek_v32): sigmoid + e_score_correction_bias, noaux_tc,
+# groups 4/2, routed scaling 2.5, 1 shared expert, dense first layer.
+_DSV3_MOE = {
+    "n_routed_experts": 16,
+    "n_shared_experts": 1,
+    "routed_scaling_factor": 2.5,
+    "topk_method": "noaux_tc",
+    "scoring_func": "sigmoid",
+    "norm_topk_prob": True,
+    "n_group": 4,
+    "topk_group": 2,
+    "first_k_dense_replace": 1,
+    "moe_layer_freq": 1,
+}
+
 _A: dict[str, dict] = {
     # Klear-46B-A2.5B: sigmoid gate + expert_bias (selection only), 1 shared expert mixed with
     # the routed output through a learned 2-way softmax `coefficient`; dense first layer
@@ -66,17 +97,7 @@ _A: dict[str, dict] = {
     # (indices, scores).
     "bailing_moe": {
         "model_type": "bailing_moe",
-        "num_experts": 16,
-        "num_shared_experts": 1,
-        "first_k_dense_replace": 1,
-        "norm_topk_prob": True,
-        "score_function": "sigmoid",
-        "moe_router_enable_expert_bias": True,
-        "routed_scaling_factor": 2.5,
-        "n_group": 4,
-        "topk_group": 2,
-        "use_qk_norm": True,
-        "partial_rotary_factor": 0.5,
+        **_LING2_MOE,
         "use_bias": False,
         "use_qkv_bias": False,
     },
@@ -88,17 +109,7 @@ _A: dict[str, dict] = {
         "num_hidden_layers": 4,
         "layer_group_size": 2,
         "group_norm_size": 4,
-        "num_experts": 16,
-        "num_shared_experts": 1,
-        "first_k_dense_replace": 1,
-        "norm_topk_prob": True,
-        "score_function": "sigmoid",
-        "moe_router_enable_expert_bias": True,
-        "routed_scaling_factor": 2.5,
-        "n_group": 4,
-        "topk_group": 2,
-        "use_qk_norm": True,
-        "partial_rotary_factor": 0.5,
+        **_LING2_MOE,
     },
     # Ling/Ring-2.5 hybrid: MLA (absorbed embed_q/unembed_out) every layer_group_size layers,
     # lightning linear attention elsewhere; MoE with dense first layer, sigmoid + expert_bias,
@@ -176,16 +187,7 @@ _A: dict[str, dict] = {
     # routed scaling 2.5, 1 shared expert, dense first layer, YaRN.
     "deepseek_v3": {
         "model_type": "deepseek_v3",
-        "n_routed_experts": 16,
-        "n_shared_experts": 1,
-        "routed_scaling_factor": 2.5,
-        "topk_method": "noaux_tc",
-        "scoring_func": "sigmoid",
-        "norm_topk_prob": True,
-        "n_group": 4,
-        "topk_group": 2,
-        "first_k_dense_replace": 1,
-        "moe_layer_freq": 1,
+        **_DSV3_MOE,
         "max_position_embeddings": 163840,
         "rope_scaling": _YARN,
         **_MLA,
@@ -194,16 +196,7 @@ _A: dict[str, dict] = {
     # the decoded length so the sparse path really runs. CacheList(KVCache, KVCache) caches.
     "deepseek_v32": {
         "model_type": "deepseek_v32",
-        "n_routed_experts": 16,
-        "n_shared_experts": 1,
-        "routed_scaling_factor": 2.5,
-        "topk_method": "noaux_tc",
-        "scoring_func": "sigmoid",
-        "norm_topk_prob": True,
-        "n_group": 4,
-        "topk_group": 2,
-        "first_k_dense_replace": 1,
-        "moe_layer_freq": 1,
+        **_DSV3_MOE,
         "index_n_heads": 4,
         "index_head_dim": 64,
         "index_topk": 8,
