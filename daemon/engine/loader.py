@@ -23,7 +23,8 @@ from moed.daemon.engine.checkpoint import hidden_size_of, index_experts, lazy_mo
 from moed.daemon.engine.experts import ExpertStore, PagedSwitch
 from moed.daemon.engine.index import CheckpointError
 from moed.daemon.engine.lookahead import attach
-from moed.daemon.engine.modules import cast_floats, find_switches, set_module, set_top_k
+from moed.daemon.engine.modules import cast_floats, find_switches, set_module
+from moed.daemon.engine.routing import set_top_k
 from moed.daemon.io.fetcher import Fetcher
 from moed.ipc.config import PagingConfig
 from moed.ipc.connection import daemon_files

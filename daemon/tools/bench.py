@@ -214,7 +214,7 @@ def top_k_quality(spec: dict) -> dict:
     from moed.daemon.engine.checkpoint import hidden_size_of, top_k_of
     from moed.daemon.engine.generate import SamplingParams, run
     from moed.daemon.engine.loader import load_resident
-    from moed.daemon.engine.modules import set_top_k
+    from moed.daemon.engine.routing import set_top_k
 
     model, tok = load_resident(spec["model"], paging_of(spec).dtype)
     config = json.loads((Path(spec["model"]) / "config.json").read_text())

@@ -18,8 +18,9 @@ import numpy as np
 from moed.daemon.engine.checkpoint import hidden_size_of, resolve_model
 from moed.daemon.engine.generate import SamplingParams, run
 from moed.daemon.engine.loader import load_resident
-from moed.daemon.engine.lookahead import block_routers, tap, untap
+from moed.daemon.engine.lookahead import tap, untap
 from moed.daemon.engine.modules import find_switches
+from moed.daemon.engine.routing import block_routers
 
 
 def _chosen(indices: mx.array) -> set[int]:
