@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -64,3 +65,21 @@ def wait_until(pred, timeout: float = 30, every: float = 0.05):
             return v
         time.sleep(every)
     raise TimeoutError("condition not met")
+
+
+@contextlib.contextmanager
+def http_daemon(model: Path, runtime: Path, cache_fraction: float):
+    """`moed start` on `model` with the HTTP API on a free loopback port; yields {env, runtime, port,
+    pid, model}; stops it after and checks that nothing of it is left."""
+    env = env_for(runtime)
+    port = free_port()
+    moed(env, "start", "--model", str(model), "--cache-fraction", str(cache_fraction), "--http", f"127.0.0.1:{port}")
+    try:
+        snap = status(env)
+        yield {"env": env, "runtime": runtime, "port": port, "pid": snap["pid"], "model": snap["model"]}
+    finally:
+        try:
+            snap = status(env)
+        finally:
+            moed(env, "stop")
+        assert_nothing_left(runtime, [snap["pid"]] + [w["pid"] for w in snap["workers"]], snap["pid"])

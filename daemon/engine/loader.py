@@ -23,7 +23,7 @@ from moed.daemon.engine.checkpoint import hidden_size_of, index_experts, lazy_mo
 from moed.daemon.engine.experts import ExpertStore, PagedSwitch
 from moed.daemon.engine.index import CheckpointError
 from moed.daemon.engine.lookahead import attach
-from moed.daemon.engine.modules import cast_floats, find_switches, set_module
+from moed.daemon.engine.modules import arch_of, cast_floats, find_switches, set_module
 from moed.daemon.engine.routing import set_top_k
 from moed.daemon.io.fetcher import Fetcher
 from moed.ipc.config import PagingConfig
@@ -79,7 +79,7 @@ def split_layers(net, group: mx.distributed.Group) -> tuple[int, int]:
     """Keep only this rank's decoder layers (mlx-lm's pipeline split); returns [first, last)."""
     stages = [m for _, m in net.named_modules() if isinstance(m, PipelineMixin)]
     if not stages:
-        raise CheckpointError(f"{type(net).__module__.rsplit('.', 1)[-1]}: mlx-lm has no pipeline split for "
+        raise CheckpointError(f"{arch_of(net)}: mlx-lm has no pipeline split for "
                               "this architecture, so it cannot run on several ranks")
     n_layers = len(stages[0].layers)
     if n_layers < group.size():

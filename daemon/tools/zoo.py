@@ -19,7 +19,7 @@ from mlx_lm.utils import save_config, save_model
 
 from .synthetic import build_lazy_model
 from .synthetic_tokenizer import save_tokenizer
-from .zoo_configs import CONFIGS
+from .zoo_configs import CONFIGS as ZOO  # model_type -> config entry
 
 # Shared by most configs; each entry overrides or adds what its architecture needs.
 BASE = {
@@ -37,9 +37,6 @@ BASE = {
     "max_position_embeddings": 4096,
     "tie_word_embeddings": False,
 }
-
-ZOO: dict[str, dict] = CONFIGS
-
 
 def zoo_config(arch: str) -> dict:
     """The full config of `arch`'s tiny checkpoint (BASE merged with its entry)."""

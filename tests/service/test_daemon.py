@@ -12,7 +12,7 @@ import time
 import httpx
 import psutil
 import pytest
-from daemon_util import CLI, assert_nothing_left, env_for, free_port, moed, status, wait_until
+from daemon_util import CLI, assert_nothing_left, env_for, free_port, http_daemon, moed, status, wait_until
 
 from moed.client.client import Client, DaemonDied, DaemonNotRunning, RequestRejected
 from moed.daemon.service.status import PUBLISH_S
@@ -39,18 +39,8 @@ CLIENT_SCRIPT = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def daemon(tiny_models, tmp_path_factory):
     """A daemon on tiny qwen3_moe with HTTP, started with `moed start`, stopped and checked after."""
-    runtime = tmp_path_factory.mktemp("rt")
-    env = env_for(runtime)
-    port = free_port()
-    moed(env, "start", "--model", str(tiny_models["qwen3_moe"]), "--cache-fraction", "0.25",
-         "--http", f"127.0.0.1:{port}")
-    snap = status(env)
-    try:
-        yield {"env": env, "runtime": runtime, "port": port, "pid": snap["pid"], "model": snap["model"]}
-    finally:
-        snap = status(env)
-        moed(env, "stop")
-        assert_nothing_left(runtime, [snap["pid"]] + [w["pid"] for w in snap["workers"]], snap["pid"])
+    with http_daemon(tiny_models["qwen3_moe"], tmp_path_factory.mktemp("rt"), 0.25) as d:
+        yield d
 
 
 def openai_chat(port: int, max_tokens: int = 48) -> tuple[str, str]:

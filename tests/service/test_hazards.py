@@ -20,7 +20,8 @@ import httpx
 import psutil
 import pytest
 import zmq
-from daemon_util import CLI, env_for, free_port, moed, status, wait_until
+from daemon_util import CLI, env_for, status, wait_until
+from daemon_util import http_daemon as start_http_daemon
 
 from moed.client.client import AsyncClient, Client
 from moed.daemon.dist.lockstep import LockstepCore, RankFailed, follow
@@ -68,16 +69,9 @@ def exit_code(proc: subprocess.Popen, timeout: float) -> int | None:
 
 @pytest.fixture(scope="module")
 def http_daemon(tiny_models, tmp_path_factory):
-    """A daemon on tiny qwen3_moe with HTTP (`moed start`), stopped after."""
-    runtime = tmp_path_factory.mktemp("rt")
-    env = env_for(runtime)
-    port = free_port()
-    moed(env, "start", "--model", str(tiny_models["qwen3_moe"]), "--cache-fraction", "0.5",
-         "--http", f"127.0.0.1:{port}")
-    try:
-        yield {"env": env, "runtime": runtime, "port": port}
-    finally:
-        moed(env, "stop")
+    """A daemon on tiny qwen3_moe with HTTP (`moed start`), stopped and checked after."""
+    with start_http_daemon(tiny_models["qwen3_moe"], tmp_path_factory.mktemp("rt"), 0.5) as d:
+        yield d
 
 
 # --- 1. signals only set a flag and wake the loop -------------------------------------------------
