@@ -10,7 +10,7 @@ import json
 import sys
 
 from moed.client import launch
-from moed.ipc.config import PagingConfig
+from moed.ipc.config import PagingConfig, ServingConfig
 
 
 # The verbs that run MLX in this process live in moed.daemon.verbs, imported only when one runs.
@@ -40,8 +40,7 @@ def _daemon_args(a: argparse.Namespace) -> list[str]:
     model = demo_model() if a.demo else a.model
     if not model:
         raise ValueError("give --model DIR (or --demo)")
-    out = ["--model", model, *paging.to_argv(), "--max-batch", str(a.max_batch),
-           "--max-queue", str(a.max_queue)]
+    out = ["--model", model, *paging.to_argv(), *ServingConfig.from_args(a).to_argv()]
     for flag, v in (("--http", a.http), ("--api-key", a.api_key)):
         if v is not None:
             out += [flag, str(v)]
@@ -200,8 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("--model", help="checkpoint dir or Hugging Face repo id (local cache)")
         d.add_argument("--demo", action="store_true", help="serve the tiny synthetic model (built on first use)")
         PagingConfig.add_args(d)
-        d.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
-        d.add_argument("--max-queue", type=int, default=32, help="requests admitted before rejecting (default 32)")
+        ServingConfig.add_args(d)
         d.add_argument("--http", metavar="HOST:PORT", help="serve the OpenAI-compatible API, e.g. 127.0.0.1:8000")
         d.add_argument("--api-key", help="require this bearer token on the HTTP API")
         launch.add_rank_args(d)

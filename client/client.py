@@ -12,6 +12,7 @@ one per thread or use AsyncClient. A dead daemon raises DaemonDied within ~2 s, 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import time
@@ -61,9 +62,13 @@ def _connection(runtime_dir) -> dict:
     return info
 
 
-def _request(req_id, prompt, messages, max_tokens, temperature, top_p, seed, stop) -> Generate:
+def _request(req_id, prompt, messages, max_tokens, temperature, top_p, seed, stop, options: dict) -> Generate:
+    """A Generate; `options` are its other fields by name (top_k, logprobs, grammar, tools, ...)."""
+    unknown = set(options) - {f.name for f in dataclasses.fields(Generate)}
+    if unknown:
+        raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
     return Generate(req_id or uuid.uuid4().hex[:12], prompt=prompt, messages=messages, max_tokens=max_tokens,
-                    temperature=float(temperature), top_p=float(top_p), seed=seed, stop=stop)
+                    temperature=float(temperature), top_p=float(top_p), seed=seed, stop=stop, **options)
 
 
 def _raise_error(msg: Error):
@@ -156,9 +161,10 @@ class Client:
 
     def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None, max_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 0.0, seed: int | None = None,
-                 stop: list[str] | None = None, req_id: str | None = None) -> Iterator[Token | Finished]:
-        """Stream a completion: Token events, then one Finished. Closing the iterator aborts it."""
-        req = _request(req_id, prompt, messages, max_tokens, temperature, top_p, seed, stop)
+                 stop: list[str] | None = None, req_id: str | None = None, **options) -> Iterator[Token | Finished]:
+        """Stream a completion: Token events, then one Finished. Closing the iterator aborts it.
+        `options`: any other Generate field (top_k, logprobs, grammar, tools, cache_prompt, ...)."""
+        req = _request(req_id, prompt, messages, max_tokens, temperature, top_p, seed, stop, options)
         self._send(req)
         done = False
         try:
@@ -282,8 +288,8 @@ class AsyncClient:
     async def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
                        max_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.0,
                        seed: int | None = None, stop: list[str] | None = None,
-                       req_id: str | None = None) -> AsyncIterator[Token | Finished]:
-        req = _request(req_id, prompt, messages, max_tokens, temperature, top_p, seed, stop)
+                       req_id: str | None = None, **options) -> AsyncIterator[Token | Finished]:
+        req = _request(req_id, prompt, messages, max_tokens, temperature, top_p, seed, stop, options)
         if self._died:
             raise self._died
         q = self._queues[req.req_id] = asyncio.Queue()

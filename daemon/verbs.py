@@ -171,6 +171,8 @@ def demo_model() -> str:
 
 def cmd_daemon(a: argparse.Namespace) -> int:
     paging = PagingConfig.from_args(a)
+    from moed.ipc.config import ServingConfig
+
     if (code := _launched(a)) is not None:
         return code
     from moed.daemon.dist.ranks import link
@@ -180,5 +182,5 @@ def cmd_daemon(a: argparse.Namespace) -> int:
     model = demo_model() if a.demo else a.model
     if not model:
         raise ValueError("give --model DIR (or --demo)")
-    return supervise(DaemonConfig(model=model, paging=paging, max_batch=a.max_batch, max_queue=a.max_queue,
+    return supervise(DaemonConfig(model=model, paging=paging, serving=ServingConfig.from_args(a),
                                   http=a.http, api_key=a.api_key), link())

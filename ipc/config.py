@@ -17,11 +17,9 @@ import math
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 DTYPES = ("float32",)  # casts `--dtype` offers (the loader maps each to its MLX dtype)
-EXCLUSIVE = ("cache_fraction", "cache_gb")  # two ways to size the cache: one at most
-ADDED = "paging_fields"  # the parsed namespace's record of the fields add_args made flags for
 KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
@@ -33,47 +31,27 @@ def _option(default: Any, flag: str, help: str, *, sizes: bool = False,
                                             "argparse": argparse_kw})
 
 
-@dataclass(frozen=True)
-class PagingConfig:
-    """The expert cache's size and how experts are read; checked when built (each field against its
-    annotation and its own test; a bad value raises ValueError naming the flag)."""
+class Options:
+    """Options declared as dataclass fields made with `_option`: checked when built (each field
+    against its annotation and its own test; a bad value raises ValueError naming the flag), and
+    written to and read from command lines and JSON."""
 
-    cache_fraction: float | None = _option(
-        None, "--cache-fraction", "share of each layer's experts kept in RAM (0-1]", sizes=True, type=float,
-        valid=(lambda v: 0 < v <= 1, "must be in (0, 1]"))
-    cache_gb: float | None = _option(  # split evenly over the layers
-        None, "--cache-gb", "expert cache budget in GB", sizes=True, type=float,
-        valid=(lambda v: 0 < v < math.inf, "must be a positive number of GB"))
-    workers: int = _option(2, "--workers", "I/O worker processes (default 2)", sizes=True, type=int,
-                           valid=(lambda v: v >= 1, "must be at least 1"))
-    dtype: str | None = _option(  # at load, and as experts are paged in
-        None, "--dtype", "cast bf16/fp16 weights and scales to float32", sizes=True, choices=list(DTYPES),
-        valid=(lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}"))
-    top_k: int | None = _option(None, "--top-k", "route each token to K experts instead of the model's top-k",
-                                sizes=True, type=int, valid=(lambda v: v >= 1, "must be at least 1"))
-    warm: bool = _option(True, "--no-warm", "start with an empty expert cache (default: fill it at load)",
-                         action="store_false")
-    lookahead: bool | None = _option(  # None: moed.daemon.engine.budget.LOOKAHEAD_BELOW decides
-        None, "--lookahead", "read the next layer's predicted experts while this layer computes "
-        "(default: whenever a layer does not hold all its experts)", action=argparse.BooleanOptionalAction)
-    direct: bool = _option(False, "--direct", "read experts bypassing the page cache (O_DIRECT on Linux, "
-                           "F_NOCACHE on macOS)", action="store_true")
-    packed: bool = _option(True, "--no-pack", "read experts from the safetensors shards even if `moed pack` made "
-                           "a packed store", action="store_false")
+    WHAT: ClassVar[str] = "these"  # for messages: "not paging options: ..."
+    EXCLUSIVE: ClassVar[tuple[str, ...]] = ()  # fields of which at most one may be set
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            v, (kind, optional) = getattr(self, f.name), _kind(f.name)
+            v, (kind, optional) = getattr(self, f.name), _kind(type(self), f.name)
             if v is None and optional:
                 continue
             if kind is float and type(v) is int:  # JSON and Python write 1 for 1.0
                 object.__setattr__(self, f.name, v := float(v))
             if type(v) is not kind:  # bool is no int here
-                raise _bad(f.name, v, f"must be {KINDS[kind]}" + (" or unset" if optional else ""))
+                raise self._bad(f.name, v, f"must be {KINDS[kind]}" + (" or unset" if optional else ""))
             if f.metadata["valid"] is not None and not f.metadata["valid"][0](v):
-                raise _bad(f.name, v, f.metadata["valid"][1])
-        if all(getattr(self, name) is not None for name in EXCLUSIVE):
-            raise ValueError(f"give {' or '.join(map(flag_of, EXCLUSIVE))}, not both")
+                raise self._bad(f.name, v, f.metadata["valid"][1])
+        if self.EXCLUSIVE and all(getattr(self, name) is not None for name in self.EXCLUSIVE):
+            raise ValueError(f"give {' or '.join(self.flag_of(n) for n in self.EXCLUSIVE)}, not both")
 
     # ------------------------------------------------------------------ command lines
 
@@ -82,15 +60,15 @@ class PagingConfig:
         """Add the flags (all, or the fields named in `only`) to `parser`, with their help and defaults."""
         names = None if only is None else set(only)
         if names is not None and (unknown := names - {f.name for f in fields(cls)}):
-            raise ValueError(f"not paging options: {', '.join(sorted(unknown))}")
+            raise ValueError(f"not {cls.WHAT} options: {', '.join(sorted(unknown))}")
         chosen = [f for f in fields(cls) if names is None or f.name in names]
         size = None  # --cache-fraction and --cache-gb: one way to size the cache
         for f in chosen:
             m, where = f.metadata, parser
-            if f.name in EXCLUSIVE:
+            if f.name in cls.EXCLUSIVE:
                 where = size = size or parser.add_mutually_exclusive_group()
             where.add_argument(m["flag"], dest=f.name, default=f.default, help=m["help"], **m["argparse"])
-        parser.set_defaults(**{ADDED: tuple(f.name for f in chosen)})  # what from_args reads back
+        parser.set_defaults(**{cls._added(): tuple(f.name for f in chosen)})  # what from_args reads back
 
     @classmethod
     def sizing(cls) -> tuple[str, ...]:
@@ -98,12 +76,12 @@ class PagingConfig:
         return tuple(f.name for f in fields(cls) if f.metadata["sizes"])
 
     @classmethod
-    def from_args(cls, ns: argparse.Namespace) -> PagingConfig:
+    def from_args(cls, ns: argparse.Namespace):
         """The configuration of flags that `add_args` added (the others keep their defaults: a verb's
         own option of the same name, such as the bench's `--lookahead` sweep, is not read)."""
-        names = getattr(ns, ADDED, None)
+        names = getattr(ns, cls._added(), None)
         if names is None:
-            raise ValueError("PagingConfig.from_args: these arguments were not parsed with PagingConfig.add_args")
+            raise ValueError(f"{cls.__name__}.from_args: these arguments were not parsed with {cls.__name__}.add_args")
         return cls(**{name: getattr(ns, name) for name in names})
 
     def to_argv(self) -> list[str]:
@@ -128,25 +106,107 @@ class PagingConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PagingConfig:
+    def from_dict(cls, d: dict[str, Any]):
         names = {f.name for f in fields(cls)}
         if unknown := sorted(set(d) - names):
-            raise ValueError(f"unknown paging option(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+            raise ValueError(f"unknown {cls.WHAT} option(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
         return cls(**d)
 
 
+    @classmethod
+    def flag_of(cls, name: str) -> str:
+        """The command-line flag of a field (errors name what the user typed)."""
+        return next(f.metadata["flag"] for f in fields(cls) if f.name == name)
+
+    @classmethod
+    def _bad(cls, name: str, value: Any, why: str) -> ValueError:
+        return ValueError(f"{cls.flag_of(name)} {why}, got {value!r}")
+
+    @classmethod
+    def _added(cls) -> str:
+        """The parsed namespace's record of the fields add_args made flags for."""
+        return f"{cls.__name__}_fields"
+
+
+@dataclass(frozen=True)
+class PagingConfig(Options):
+    """The expert cache's size and how experts are read."""
+
+    WHAT: ClassVar[str] = "paging"
+    EXCLUSIVE: ClassVar[tuple[str, ...]] = ("cache_fraction", "cache_gb")  # two ways to size the cache
+
+    cache_fraction: float | None = _option(
+        None, "--cache-fraction", "share of each layer's experts kept in RAM (0-1]", sizes=True, type=float,
+        valid=(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    cache_gb: float | None = _option(  # split evenly over the layers
+        None, "--cache-gb", "expert cache budget in GB", sizes=True, type=float,
+        valid=(lambda v: 0 < v < math.inf, "must be a positive number of GB"))
+    workers: int = _option(2, "--workers", "I/O worker processes (default 2)", sizes=True, type=int,
+                           valid=(lambda v: v >= 1, "must be at least 1"))
+    dtype: str | None = _option(  # at load, and as experts are paged in
+        None, "--dtype", "cast bf16/fp16 weights and scales to float32", sizes=True, choices=list(DTYPES),
+        valid=(lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}"))
+    top_k: int | None = _option(None, "--top-k", "route each token to K experts instead of the model's top-k",
+                                sizes=True, type=int, valid=(lambda v: v >= 1, "must be at least 1"))
+    warm: bool = _option(True, "--no-warm", "start with an empty expert cache (default: fill it at load)",
+                         action="store_false")
+    lookahead: bool | None = _option(  # None: moed.daemon.engine.budget.LOOKAHEAD_BELOW decides
+        None, "--lookahead", "read the next layer's predicted experts while this layer computes "
+        "(default: whenever a layer does not hold all its experts)", action=argparse.BooleanOptionalAction)
+    direct: bool = _option(False, "--direct", "read experts bypassing the page cache (O_DIRECT on Linux, "
+                           "F_NOCACHE on macOS)", action="store_true")
+    packed: bool = _option(True, "--no-pack", "read experts from the safetensors shards even if `moed pack` made "
+                           "a packed store", action="store_false")
+
+
+def parse_duration(text: str) -> float:
+    """"30s", "5m", "1h", "90" (seconds), "-1" (forever) -> seconds; inf for forever (ollama's habit)."""
+    t = str(text).strip().lower()
+    scale = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    unit = next((u for u in ("ms", "s", "m", "h") if t.endswith(u)), "")
+    try:
+        v = float(t[: len(t) - len(unit)]) * scale.get(unit, 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 30s, 5m, 1h, -1 for forever)") from None
+    return math.inf if v < 0 else v
+
+
+@dataclass(frozen=True)
+class ServingConfig(Options):
+    """How the daemon schedules and remembers requests: batch and queue sizes, chunked prefill,
+    the prompt cache (in memory and on disk) and how long an idle model stays loaded."""
+
+    WHAT: ClassVar[str] = "serving"
+
+    max_batch: int = _option(8, "--max-batch", "sequences decoded together (default 8)", type=int,
+                             valid=(lambda v: v >= 1, "must be at least 1"))
+    max_queue: int = _option(32, "--max-queue", "requests admitted before rejecting (default 32)", type=int,
+                             valid=(lambda v: v >= 1, "must be at least 1"))
+    prefill_chunk: int = _option(  # chosen by the contention bench (README)
+        256, "--prefill-chunk", "prompt tokens prefilled per engine step, between the running streams' decode "
+        "steps (default 256)", type=int, valid=(lambda v: v >= 1, "must be at least 1"))
+    prompt_cache_gb: float | None = _option(
+        None, "--prompt-cache-gb", "memory for reusable prompt prefixes (KV and recurrent state); 0 turns the "
+        "prompt cache off (default: sized by `moed plan`)", type=float,
+        valid=(lambda v: 0 <= v < math.inf, "must be a number of GB >= 0"))
+    prompt_cache_dir: str | None = _option(
+        None, "--prompt-cache-dir", "keep long prompt prefixes on disk here, across restarts", type=str)
+    prompt_cache_disk_gb: float = _option(
+        8.0, "--prompt-cache-disk-gb", "disk for --prompt-cache-dir (default 8)", type=float,
+        valid=(lambda v: 0 < v < math.inf, "must be a positive number of GB"))
+    keep_alive: float = _option(
+        math.inf, "--keep-alive", "release the model's memory after this long idle, e.g. 5m (default: never); "
+        "the next request loads it again", type=parse_duration,
+        valid=(lambda v: v >= 0, "must be a duration >= 0"))
+
 def flag_of(name: str) -> str:
-    """The command-line flag of a PagingConfig field (errors name what the user typed)."""
-    return next(f.metadata["flag"] for f in fields(PagingConfig) if f.name == name)
-
-
-def _bad(name: str, value: Any, why: str) -> ValueError:
-    return ValueError(f"{flag_of(name)} {why}, got {value!r}")
+    """The command-line flag of a PagingConfig field."""
+    return PagingConfig.flag_of(name)
 
 
 @functools.cache
-def _kind(name: str) -> tuple[type, bool]:
+def _kind(cls: type, name: str) -> tuple[type, bool]:
     """(the type, whether None is allowed) of a field, from its annotation."""
-    hint = typing.get_type_hints(PagingConfig)[name]
+    hint = typing.get_type_hints(cls)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     return args[0], len(args) < len(typing.get_args(hint))

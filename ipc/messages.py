@@ -124,12 +124,26 @@ class Welcome:
 class Generate:
     req_id: str
     prompt: str | None = None  # raw text, tokenized as mlx-lm's stream_generate does
-    messages: list[dict[str, str]] | None = None  # chat: the model's chat template applies
+    # chat: OpenAI-style message dicts ("content" a string or None, assistant "tool_calls", "tool"
+    # messages); the model's chat template renders them with `tools` and `chat_template_kwargs`
+    messages: list[dict[str, Any]] | None = None
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 0.0
-    seed: int | None = None
+    seed: int | None = None  # this request's own random key: the same tokens alone or in a batch
     stop: list[str] | None = None
+    top_k: int = 0
+    min_p: float = 0.0
+    logit_bias: list[tuple[int, float]] | None = None  # (token id, bias added to its logit)
+    repetition_penalty: float | None = None  # mlx-lm's logits processors
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: int = -1  # -1: none; 0: each token's logprob; N > 0: also the top N
+    grammar: dict[str, Any] | None = None  # constrained decoding (daemon/engine/grammar.py)
+    tools: list[dict[str, Any]] | None = None  # OpenAI-style function tools, for the chat template
+    chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": False}
+    cache_prompt: bool = True  # reuse and keep this prompt's prefix in the prompt cache
+    keep_alive_s: float | None = None  # release the model after this long idle (None: the daemon's)
 
 
 @message(0x23)
@@ -139,6 +153,8 @@ class Token:
     text: str  # the next decoded segment (may be empty)
     token: int
     index: int  # position in the completion, from 0
+    logprob: float | None = None  # when the request asked for logprobs
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), best first
 
 
 @message(0x24)
@@ -150,6 +166,7 @@ class Finished:
     completion_tokens: int
     ttft_s: float
     decode_tps: float
+    cached_tokens: int = 0  # prompt tokens taken from the prompt cache, not prefilled
 
 
 @message(0x25)
@@ -239,6 +256,24 @@ class Totals:
 
 
 @dataclass(slots=True)
+class PromptCacheStatus:
+    """Reusable prompt prefixes (daemon/engine/prompt_cache.py): in memory, and on disk when kept there."""
+
+    entries: int
+    bytes: int
+    max_bytes: int
+    lookups: int  # requests that looked for a prefix
+    hits: int  # ... and found one
+    hit_tokens: int  # prompt tokens reused, not prefilled
+    looked_up_tokens: int  # prompt tokens of those requests
+    disk_dir: str | None
+    disk_entries: int
+    disk_bytes: int
+    disk_hits: int
+    disk_refused: int  # files ignored and removed: corrupt or unreadable
+
+
+@dataclass(slots=True)
 class EngineStatus:
     """The engine core's part (EngineCore.snapshot()); a DaemonStatus holds these fields too."""
 
@@ -249,6 +284,7 @@ class EngineStatus:
     totals: Totals
     max_queue: int
     context: int | None  # tokens a request may span; None until loaded
+    prompt_cache: PromptCacheStatus | None  # None: off, or not loaded
 
 
 @dataclass(slots=True)

@@ -12,15 +12,17 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.sample_utils import make_sampler
 
+from moed.daemon.engine import sampling
+from moed.daemon.engine.prompt_cache import PromptCache
 from moed.ipc.messages import EngineStatus, Error, Finished, Generate, RequestStatus, Token, Totals
 
 log = logging.getLogger(__name__)
 
 THROUGHPUT_WINDOW_S = 60.0
+ROLES = ("system", "user", "assistant", "tool")
+MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content"}
 
 
 class StepFailed(RuntimeError):
@@ -33,7 +35,8 @@ class StepFailed(RuntimeError):
 
 
 class RequestRejected(Exception):
-    """A request the core will not run; `code` is "rejected" (load) or "bad_request" (input)."""
+    """A request the core will not run; `code` is "rejected" (load), "bad_request" (input) or
+    "context_length_exceeded" (prompt + max_tokens beyond the model's context)."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -47,6 +50,10 @@ class Request:
     prompt_ids: list[int]
     max_tokens: int
     stop: list[str]
+    logprobs: int = -1  # as Generate.logprobs
+    cache_prompt: bool = True
+    cached: int = 0  # prompt tokens taken from the prompt cache
+    kinds: list[str] = field(default_factory=list)  # the prompt cache kind of each checkpoint still ahead
     uid: int = -1
     detok: object = None
     tokens: list[int] = field(default_factory=list)
@@ -73,13 +80,19 @@ class EngineCore:
         max_batch: sequences decoded together in one step.
         max_queue: admitted requests (running + waiting) beyond which new ones are rejected.
         context: the model's context length (prompt + completion must fit).
+        prefill_chunk: prompt tokens prefilled per step, between the running streams' decode steps.
+        prompt_cache: reusable prefixes (None: every prompt is prefilled whole).
+        vocab_size: the model's (logit_bias ids are checked against it).
     """
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 32, context: int = 4096):
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 32, context: int = 4096,
+                 prefill_chunk: int = 2048, prompt_cache: PromptCache | None = None, vocab_size: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.max_queue, self.context = max_queue, context
         self.eos = set(tokenizer.eos_token_ids)
-        self.max_batch = max_batch
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.prompt_cache = prompt_cache
+        self.vocab_size = vocab_size or len(tokenizer._tokenizer)
         self.gen = self._new_generator()
         self.requests: dict[str, Request] = {}
         self.by_uid: dict[int, Request] = {}
@@ -89,21 +102,50 @@ class EngineCore:
 
     def _new_generator(self) -> BatchGenerator:
         return BatchGenerator(self.model, stop_tokens=[[t] for t in sorted(self.eos)],
-                              completion_batch_size=self.max_batch, prefill_batch_size=self.max_batch)
+                              completion_batch_size=self.max_batch, prefill_batch_size=self.max_batch,
+                              prefill_step_size=self.prefill_chunk)
 
     # ---------------------------------------------------------------- admission
 
     def encode(self, g: Generate) -> list[int]:
-        """Prompt ids: raw text as stream_generate tokenizes it, or the chat template."""
-        if g.messages is not None:
-            for m in g.messages:
-                if set(m) - {"role", "content", "name"} or m.get("role") not in ("system", "user", "assistant", "tool"):
-                    raise RequestRejected("bad_request", f"bad chat message {m!r:.80}")
-            return list(self.tokenizer.apply_chat_template(g.messages, add_generation_prompt=True))
-        if g.prompt is None:
-            raise RequestRejected("bad_request", "a request needs a prompt or messages")
-        bos = self.tokenizer.bos_token
-        return self.tokenizer.encode(g.prompt, add_special_tokens=bos is None or not g.prompt.startswith(bos))
+        """Prompt ids: raw text as stream_generate tokenizes it, or the chat template (with the
+        request's tools and template arguments)."""
+        return self._encode(g)[0]
+
+    def _encode(self, g: Generate) -> tuple[list[int], list[tuple[int, str]]]:
+        """(prompt ids, checkpoints): where a prompt cache entry is worth keeping, as (position, kind),
+        for chats the end of the system prompt and the start of the last message."""
+        if g.messages is None:
+            if g.prompt is None:
+                raise RequestRejected("bad_request", "a request needs a prompt or messages")
+            bos = self.tokenizer.bos_token
+            return self.tokenizer.encode(g.prompt, add_special_tokens=bos is None or not g.prompt.startswith(bos)), []
+        for m in g.messages:
+            if not isinstance(m, dict) or set(m) - MESSAGE_KEYS or m.get("role") not in ROLES:
+                raise RequestRejected("bad_request", f"bad chat message {m!r:.80}")
+        kwargs = dict(g.chat_template_kwargs or {})
+        if g.tools:
+            kwargs["tools"] = g.tools
+        render = self.tokenizer.apply_chat_template
+        ids = list(render(g.messages, add_generation_prompt=True, **kwargs))
+        if not g.cache_prompt or self.prompt_cache is None:
+            return ids, []
+        checkpoints = []
+        n_system = next((i for i, m in enumerate(g.messages) if m["role"] != "system"), len(g.messages))
+        cuts = [(n_system, "system")] if 0 < n_system < len(g.messages) else []
+        if len(g.messages) > 1 and len(g.messages) - 1 > n_system:
+            cuts.append((len(g.messages) - 1, "user"))
+        for n, kind in cuts:  # as mlx_lm.server finds the system prompt's end: render the head, compare
+            try:
+                head = render(g.messages[:n] + [{"role": "user", "content": ""}], add_generation_prompt=False,
+                              **kwargs) if kind == "system" else render(g.messages[:n], add_generation_prompt=False,
+                                                                        **kwargs)
+            except Exception:  # a template that refuses a partial conversation: no checkpoint there
+                continue
+            at = next((i for i, (a, b) in enumerate(zip(head, ids)) if a != b), min(len(head), len(ids)))
+            if 0 < at < len(ids) - 1:
+                checkpoints.append((at, kind))
+        return ids, checkpoints
 
     def add(self, g: Generate, client: str = "") -> None:
         """Admit a request or raise RequestRejected with the reason."""
@@ -118,23 +160,37 @@ class EngineCore:
             raise RequestRejected("bad_request", f"request id {g.req_id!r} is already running")
         if g.max_tokens < 1:
             raise RequestRejected("bad_request", f"max_tokens must be at least 1, got {g.max_tokens}")
-        if not (0 <= g.temperature <= 100) or not (0 <= g.top_p <= 1):
-            raise RequestRejected("bad_request", "temperature must be in [0, 100] and top_p in [0, 1]")
+        try:
+            sampling.check(g, self.vocab_size)
+        except sampling.BadSampling as e:
+            raise RequestRejected("bad_request", str(e)) from None
         if len(self.requests) >= self.max_queue:
             raise RequestRejected("rejected", f"queue full: {len(self.requests)} requests running or waiting "
                                               f"(limit {self.max_queue}); retry later")
-        ids = self.encode(g)
+        ids, checkpoints = self._encode(g)
         if not ids:
             raise RequestRejected("bad_request", "the prompt is empty")
         if len(ids) >= self.context:
-            raise RequestRejected("bad_request", f"prompt of {len(ids)} tokens does not fit the model's "
-                                                 f"context of {self.context} tokens")
-        req = Request(g.req_id, client, ids, min(g.max_tokens, self.context - len(ids)), list(g.stop or []))
+            raise RequestRejected("context_length_exceeded", f"prompt of {len(ids)} tokens does not fit the "
+                                                             f"model's context of {self.context} tokens")
+        if len(ids) + g.max_tokens > self.context:
+            raise RequestRejected("context_length_exceeded",
+                                  f"prompt of {len(ids)} tokens + max_tokens {g.max_tokens} exceeds the model's "
+                                  f"context of {self.context} tokens (at most {self.context - len(ids)} new tokens)")
+        try:
+            sampler, processors = sampling.make(g), sampling.processors(g, self.tokenizer)
+        except sampling.BadSampling as e:
+            raise RequestRejected("bad_request", str(e)) from None
+        req = Request(g.req_id, client, ids, g.max_tokens, list(g.stop or []), logprobs=g.logprobs,
+                      cache_prompt=g.cache_prompt and self.prompt_cache is not None)
         req.detok = self.tokenizer.detokenizer
-        if g.seed is not None and not self.requests:
-            mx.random.seed(g.seed)  # reproducible when it runs alone; a batch shares one generator
-        sampler = make_sampler(temp=g.temperature, top_p=g.top_p)
-        (req.uid,) = self.gen.insert([ids], max_tokens=[req.max_tokens], samplers=[sampler])
+        cache = None
+        if req.cache_prompt:
+            cache, req.cached = self.prompt_cache.fetch(ids)
+        segments, req.kinds = _segments(ids, req.cached, checkpoints) if req.cache_prompt else ([ids], [])
+        (req.uid,) = self.gen.insert_segments([segments], max_tokens=[req.max_tokens], caches=[cache],
+                                              all_tokens=[ids[:req.cached]], samplers=[sampler],
+                                              logits_processors=[processors])
         self.requests[req.req_id] = req
         self.by_uid[req.uid] = req
         self.totals["requests"] += 1
@@ -168,26 +224,43 @@ class EngineCore:
             return e.events
 
     def try_step(self) -> list:
-        """Like step(), but a failed step raises StepFailed (a split model's ranks must all stop)."""
+        """Like step(), but a failed step raises StepFailed (a split model's ranks must all stop).
+
+        One step is one decode step of the running sequences and one chunk (`prefill_chunk` tokens)
+        of the prompts being prefilled, so a long prompt never stalls the streams for long."""
         try:
-            responses = self.gen.next_generated()
+            prompt_responses, responses = self.gen.next()
+            self._checkpoint(prompt_responses)
         except Exception as e:
             # users get the short typed error; the log keeps the cause
             log.exception("moed engine: a step failed; failing its %d request(s)", len(self.requests))
             raise StepFailed(f"generation failed: {e}", self._fail_all(e)) from e
         now = time.perf_counter()
-        self.decoded.append((now, len(responses)))
+        if responses:
+            self.decoded.append((now, len(responses)))
         self.totals["generated_tokens"] += len(responses)
         events = []
         for r in responses:
             req = self.by_uid.get(r.uid)
             if req is not None:
-                events += self._on_token(req, r.token, r.finish_reason, now)
+                events += self._on_token(req, r, now)
         return events
 
-    def _on_token(self, req: Request, token: int, finish: str | None, now: float) -> list:
+    def _checkpoint(self, prompt_responses: list) -> None:
+        """Keep the prompt cache's entries at the checkpoints prefill just passed."""
+        ends = [r.uid for r in prompt_responses if r.end_of_segment and not r.end_of_prompt
+                and (req := self.by_uid.get(r.uid)) is not None and req.kinds]
+        if not ends:
+            return
+        for uid, (cache, tokens) in self.gen.extract_cache(ends).items():
+            self.prompt_cache.insert(list(tokens), cache, self.by_uid[uid].kinds.pop(0))
+
+    def _on_token(self, req: Request, r, now: float) -> list:
+        token, finish = r.token, r.finish_reason
         if not req.tokens:
             req.t_first = now
+        if finish and req.cache_prompt and r.prompt_cache is not None:
+            self.prompt_cache.insert(list(r.all_tokens), r.prompt_cache, "assistant")
         if finish == "stop" and token in self.eos:
             return [self._finish(req, "stop")]
         req.tokens.append(token)
@@ -199,14 +272,27 @@ class EngineCore:
         if hit is not None:
             req.text = req.text[:hit]
             finish = "stop"
-            self.gen.remove([req.uid])
+            self._remove(req)
         # hold back a tail that may be the start of a stop string; flush it at the end
         upto = len(req.text) if finish else len(req.text) - self._held(req)
-        events = [Token(req.req_id, req.text[req.sent:upto], token, len(req.tokens) - 1)]
+        ev = Token(req.req_id, req.text[req.sent:upto], token, len(req.tokens) - 1)
+        if req.logprobs >= 0:
+            ev.logprob = r.logprobs[token].item()
+            if req.logprobs > 0:
+                ev.top_logprobs = sampling.top_logprobs(r.logprobs, req.logprobs)
+        events = [ev]
         req.sent = max(req.sent, upto)
         if finish:
             events.append(self._finish(req, finish))
         return events
+
+    def _remove(self, req: Request) -> None:
+        """Take a running request out of the generator (keeping its sequence in the prompt cache)."""
+        caches = self.gen.remove([req.uid], return_prompt_caches=req.cache_prompt)
+        if req.uid in caches:
+            cache, tokens = caches[req.uid]
+            if tokens:
+                self.prompt_cache.insert(list(tokens), cache, "assistant")
 
     @staticmethod
     def _held(req: Request) -> int:
@@ -227,7 +313,7 @@ class EngineCore:
         decode_s = time.perf_counter() - req.t_first if req.t_first else 0.0
         return Finished(req.req_id, reason, len(req.prompt_ids), n,
                         ttft_s=(req.t_first - req.t_arrival) if req.t_first else 0.0,
-                        decode_tps=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0)
+                        decode_tps=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0, cached_tokens=req.cached)
 
     def _fail_all(self, exc: Exception) -> list:
         """A step failed: fail the requests in it, start a fresh generator, keep serving."""
@@ -268,4 +354,22 @@ class EngineCore:
                                       age_s=now - r.t_arrival))
         return EngineStatus(requests=reqs, decode_tps=self.decode_tps(), prefill_tps=self.prefill_tps(),
                             kv_cache_bytes=self.gen.prompt_cache_nbytes, totals=Totals(**self.totals),
-                            max_queue=self.max_queue, context=self.context)
+                            max_queue=self.max_queue, context=self.context,
+                            prompt_cache=self.prompt_cache.status() if self.prompt_cache is not None else None)
+
+
+def _segments(ids: list[int], cached: int, checkpoints: list[tuple[int, str]]) -> tuple[list[list[int]], list[str]]:
+    """The prompt past its cached prefix, cut where the prompt cache keeps an entry: each checkpoint
+    ahead of the prefix, then the prompt less its last token ("user": what the next turn of a chat
+    or a retried prompt shares), then the last token alone (it gives the first logits). Returns
+    (segments, the kind of each entry in order)."""
+    cuts = [(at, kind) for at, kind in sorted(checkpoints) if cached < at < len(ids) - 1]
+    cuts.append((len(ids) - 1, "user"))
+    segments, kinds, start = [], [], cached
+    for at, kind in cuts:
+        if at > start:
+            segments.append(ids[start:at])
+            kinds.append(kind)
+            start = at
+    segments.append(ids[start:])
+    return segments, kinds

@@ -35,13 +35,13 @@ def daemon_status(*, state: str, progress: tuple[str, float], started: float, mo
     loaded = pm is not None and core is not None and heat is not None and state not in ("starting", "loading")
     eng = core.snapshot() if core is not None else EngineStatus(
         requests=[], decode_tps=0.0, prefill_tps=0.0, kv_cache_bytes=0, totals=Totals(), max_queue=max_queue,
-        context=None)
+        context=None, prompt_cache=None)
     parts = _loaded(pm, heat, eng, rss) if loaded else {
         "checkpoint": None, "cache": None, "workers": [], "io": None, "heat": None, "memory": None}
     return DaemonStatus(
         requests=eng.requests, decode_tps=eng.decode_tps, prefill_tps=eng.prefill_tps,
         kv_cache_bytes=eng.kv_cache_bytes, totals=eng.totals, max_queue=eng.max_queue, context=eng.context,
-        state=state, progress=LoadProgress(*progress), pid=os.getpid(), uptime_s=time.time() - started,
+        prompt_cache=eng.prompt_cache, state=state, progress=LoadProgress(*progress), pid=os.getpid(), uptime_s=time.time() - started,
         model=model, rss_bytes=rss, http=http, clients=clients, ranks=list(ranks or []), **parts)
 
 

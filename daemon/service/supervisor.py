@@ -26,7 +26,7 @@ from moed.daemon.io.fetcher import FetchError
 from moed.daemon.service.frontend import Disconnected, Frontend
 from moed.daemon.service.status import PUBLISH_S, daemon_status
 from moed.ipc import shm
-from moed.ipc.config import PagingConfig
+from moed.ipc.config import PagingConfig, ServingConfig
 from moed.ipc.connection import DaemonFiles, daemon_files, read_pid, remove_files, write_connection
 from moed.ipc.messages import Abort, DaemonStatus, Error, Finished, Generate, StopDaemon
 
@@ -40,8 +40,7 @@ WORKER_CHECK_S = 0.25  # how often the loop has the fetcher reap and replace exi
 class DaemonConfig:
     model: str
     paging: PagingConfig = field(default_factory=PagingConfig)  # the expert cache and its reads
-    max_batch: int = 8
-    max_queue: int = 32
+    serving: ServingConfig = field(default_factory=ServingConfig)  # batching, prompt cache, keep-alive
     http: str | None = None  # "HOST:PORT"
     api_key: str | None = None
     runtime_dir: str | None = None
@@ -83,6 +82,10 @@ class Supervisor:
         self._next_tend = 0.0  # monotonic time of the next I/O worker check
         self._published = 0.0  # monotonic time of the last status
         self._status: DaemonStatus | None = None  # the latest status, swapped in by _publish
+        self._keep_alive = cfg.serving.keep_alive  # seconds idle before the model is released
+        self._idle_since = time.monotonic()
+        if link is not None and cfg.serving.keep_alive != float("inf"):
+            raise ValueError("--keep-alive is not supported for a model split across ranks")
         self.http = None
         self.failed = ""
         self._publish(force=True)
@@ -108,8 +111,6 @@ class Supervisor:
 
                 self.http = HttpServer(self.cfg.http, self.cfg.api_key, self.files.dir).start()
             self._load()
-            self.state = "ready" if not self._stopping else "stopping"
-            self._publish(force=True)
             print(f"[moed] ready: {self.cfg.model} on {self.files.endpoint}"
                   + (f" and http://{self.cfg.http}" if self.http else ""), flush=True)
             self._loop()
@@ -151,6 +152,31 @@ class Supervisor:
 
             progress("waiting for the other ranks", 0.99)
             self.core = LockstepCore(self.core, self.link, self.pm)
+        self.state = "ready" if not self._stopping else "stopping"
+        self._idle_since = time.monotonic()
+        self._publish(force=True)
+
+    def _sleep(self) -> None:
+        """Keep-alive ran out: release the model (weights, expert cache, workers, prompt cache in
+        memory, MLX's buffers) and stay up; the next request loads it again. Prefixes on disk stay."""
+        import gc
+
+        import mlx.core as mx
+
+        print(f"[moed] idle for {self._keep_alive:g} s: releasing the model until the next request", flush=True)
+        self.core = self.heat = None
+        self.pm.close()
+        self.pm = None
+        gc.collect()
+        mx.clear_cache()
+        self.state, self.progress = "sleeping", ("sleeping", 0.0)
+        self._publish(force=True)
+
+    def _wake(self) -> None:
+        print("[moed] a request arrived: loading the model again", flush=True)
+        t0 = time.monotonic()
+        self._load()
+        print(f"[moed] ready again in {time.monotonic() - t0:.1f} s", flush=True)
 
     def _shutdown(self) -> None:
         self.state = "stopping"
@@ -176,9 +202,12 @@ class Supervisor:
         from moed.daemon.dist.lockstep import RankFailed
 
         while not self._stopping:
-            self._drain(block=not self.core.has_work())
-            self._tend_workers()
-            if self.core.has_work() and not self._stopping:
+            busy = self.core is not None and self.core.has_work()
+            self._drain(block=not busy)
+            if self.core is not None:
+                self._tend_workers()
+            if self.core is not None and self.core.has_work() and not self._stopping:
+                self._idle_since = time.monotonic()
                 try:
                     self._ship(self.core.step())
                 except RankFailed as e:  # a split model cannot go on: every rank stops
@@ -186,6 +215,9 @@ class Supervisor:
                     self.failed = str(e)
                     print(f"[moed] {e}; stopping every rank", flush=True)
                     return
+            elif self.core is not None and time.monotonic() - self._idle_since > self._keep_alive \
+                    and not self._stopping:
+                self._sleep()
             self._publish()
 
     def _drain(self, block: bool) -> None:
@@ -206,6 +238,21 @@ class Supervisor:
             if rid in self.owner:
                 self.frontend.send(client, Error(req_id, "bad_request", f"request id {req_id!r} is in use"))
                 return
+            if msg.keep_alive_s is not None and not (msg.keep_alive_s >= 0):
+                self.frontend.send(client, Error(req_id, "bad_request", "keep_alive must be a duration >= 0"))
+                return
+            if self.core is None:
+                try:
+                    self._wake()
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as e:  # the model cannot be loaded again: say so, stay up
+                    log.exception("loading the model again failed")
+                    self.state, self.progress = "sleeping", ("sleeping", 0.0)
+                    self.frontend.send(client, Error(req_id, "internal", f"could not load the model: {e}"))
+                    return
+            self._keep_alive = self.cfg.serving.keep_alive if msg.keep_alive_s is None else msg.keep_alive_s
+            self._idle_since = time.monotonic()
             msg.req_id = rid
             try:
                 self.core.add(msg, client=self.frontend.clients.get(client, "?"))
@@ -216,11 +263,13 @@ class Supervisor:
             else:
                 self.owner[rid] = (client, req_id)
         elif isinstance(msg, Abort):
-            self._ship(self.core.abort(f"{client.hex()}:{msg.req_id}"))
+            if self.core is not None:
+                self._ship(self.core.abort(f"{client.hex()}:{msg.req_id}"))
         elif isinstance(msg, Disconnected):
             prefix = f"{client.hex()}:"
             for rid in [r for r in self.owner if r.startswith(prefix)]:
-                self._ship(self.core.abort(rid))
+                if self.core is not None:
+                    self._ship(self.core.abort(rid))
         elif isinstance(msg, StopDaemon):
             self._stopping = True
         else:
@@ -272,7 +321,7 @@ class Supervisor:
             self._status = daemon_status(
                 state=self.state, progress=self.progress, started=self.started, model=str(self.cfg.model),
                 http=self.cfg.http, clients=len(frontend.clients) if frontend is not None else 0,
-                max_queue=self.cfg.max_queue, pm=self.pm, core=self.core, heat=self.heat, ranks=ranks)
+                max_queue=self.cfg.serving.max_queue, pm=self.pm, core=self.core, heat=self.heat, ranks=ranks)
         except Exception:  # a bug here must not stop the engine: the last status stays served
             if self._status is None:
                 raise
@@ -309,11 +358,33 @@ def load_model(c: DaemonConfig, link, progress=None):
 
 
 def new_core(c: DaemonConfig, pm, link) -> EngineCore:
-    core = EngineCore(pm.model, pm.tokenizer, max_batch=c.max_batch, max_queue=c.max_queue,
-                      context=context_length(pm.config))
+    s = c.serving
+    text = pm.config.get("text_config", pm.config)
+    core = EngineCore(pm.model, pm.tokenizer, max_batch=s.max_batch, max_queue=s.max_queue,
+                      context=context_length(pm.config), prefill_chunk=s.prefill_chunk,
+                      prompt_cache=None if link is not None else new_prompt_cache(c, pm),
+                      vocab_size=text.get("vocab_size"))
     if link is not None:
         link.share_seed()
     return core
+
+
+def new_prompt_cache(c: DaemonConfig, pm):
+    """The prompt cache as configured, or None when off. Not for a model split across ranks: each
+    rank's cache holds its own layers, and their byte counts (so their evictions) would differ."""
+    from moed.daemon.engine.prompt_cache import DiskPrefixes, PromptCache, default_bytes, model_fingerprint
+
+    s = c.serving
+    max_bytes = int(s.prompt_cache_gb * 1e9) if s.prompt_cache_gb is not None else default_bytes(
+        pm.non_expert_bytes + pm.info["cache_bytes"])
+    if max_bytes <= 0:
+        return None
+    fingerprint = model_fingerprint(pm.path, f"top_k={c.paging.top_k}", f"dtype={c.paging.dtype}")
+    disk = DiskPrefixes(s.prompt_cache_dir, fingerprint, int(s.prompt_cache_disk_gb * 1e9)) \
+        if s.prompt_cache_dir else None
+    if disk is not None:
+        print(f"[moed] prompt cache on disk: {disk.dir} ({len(disk.entries)} prefixes)", flush=True)
+    return PromptCache(max_bytes, fingerprint, disk)
 
 
 def follower(cfg: DaemonConfig, link) -> int:

@@ -57,8 +57,9 @@ def test_join_mid_batch_and_mixed_sampling(core):
     core.add(Generate("g", prompt=PROMPTS[1], max_tokens=24))
     ref = drain(core)["g"]["tokens"]
     core.add(Generate("r", prompt=PROMPTS[0], max_tokens=40, temperature=1.0, seed=3))
-    for _ in range(3):
-        core.step()
+    early = 0
+    while early < 3:
+        early += sum(isinstance(ev, Token) for ev in core.step())
     core.add(Generate("g", prompt=PROMPTS[1], max_tokens=24))  # joins a running batch
     out = drain(core)
     assert out["g"]["tokens"] == ref
@@ -88,7 +89,11 @@ def test_stop_string_and_abort(core):
     (Generate("x", prompt="", max_tokens=5), "bad_request", "empty"),
     (Generate("x", prompt="hi", temperature=-1), "bad_request", "temperature"),
     (Generate("x", messages=[{"role": "wizard", "content": "hi"}]), "bad_request", "chat message"),
-    (Generate("x", prompt="word " * 400), "bad_request", "context of 256"),
+    (Generate("x", prompt="word " * 400), "context_length_exceeded", "context of 256"),
+    (Generate("x", prompt="word " * 100, max_tokens=200), "context_length_exceeded", "max_tokens 200"),
+    (Generate("x", prompt="hi", top_k=-1), "bad_request", "top_k"),
+    (Generate("x", prompt="hi", logit_bias=[(10 ** 7, 1.0)]), "bad_request", "logit_bias"),
+    (Generate("x", prompt="hi", logprobs=21), "bad_request", "top_logprobs"),
 ])
 def test_bad_requests_are_rejected_with_reason(core, req, code, match):
     with pytest.raises(RequestRejected, match=match) as e:

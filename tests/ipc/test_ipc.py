@@ -14,13 +14,13 @@ from moed.ipc import runtime, shm
 from moed.ipc.codec import MAX_PAYLOAD, ProtocolError, decode, encode, from_plain
 from moed.ipc.messages import (REGISTRY, Abort, CacheStatus, CheckpointStatus, Configure, DaemonStatus, Error,
                                Finished, Generate, Heartbeat, HeatStatus, Hello, IoStatus, LoadProgress, MemoryStatus,
-                               Ping, Pong, RankPlan, RankStatus, Read, ReadDone, Ready, RequestStatus, Shutdown,
+                               Ping, Pong, PromptCacheStatus, RankPlan, RankStatus, Read, ReadDone, Ready, RequestStatus, Shutdown,
                                Status, StatusQuery, StopDaemon, Token, Totals, Welcome, WorkerStatus, message)
 
 def loading_status() -> DaemonStatus:
     """A daemon still loading: no checkpoint, cache, io, heat or memory yet."""
     return DaemonStatus(requests=[], decode_tps=0.0, prefill_tps=0.0, kv_cache_bytes=0, totals=Totals(), max_queue=32,
-                        context=None, state="loading", progress=LoadProgress("mapping experts", 0.42), pid=4242,
+                        context=None, prompt_cache=None, state="loading", progress=LoadProgress("mapping experts", 0.42), pid=4242,
                         uptime_s=3.2, model="/models/med", rss_bytes=52_000_000, http=None, clients=1,
                         checkpoint=None, cache=None, workers=[], io=None, heat=None, memory=None, ranks=[])
 
@@ -36,7 +36,10 @@ def full_status() -> DaemonStatus:
         decode_tps=171.2, prefill_tps=97.3, kv_cache_bytes=3_500_000,
         totals=Totals(requests=9, completed=6, rejected=1, aborted=1, failed=0, prompt_tokens=850,
                       completion_tokens=1200, generated_tokens=1300, peak_active=2),
-        max_queue=32, context=32768, state="ready", progress=LoadProgress("ready", 1.0), pid=100, uptime_s=754.3,
+        max_queue=32, context=32768, prompt_cache=PromptCacheStatus(
+            entries=3, bytes=1 << 20, max_bytes=1 << 30, lookups=5, hits=4, hit_tokens=4000, looked_up_tokens=5000,
+            disk_dir="/tmp/pc/abc", disk_entries=2, disk_bytes=1 << 21, disk_hits=1, disk_refused=0),
+        state="ready", progress=LoadProgress("ready", 1.0), pid=100, uptime_s=754.3,
         model="/models/tiny-qwen3_5_moe", rss_bytes=96_669_696, http="127.0.0.1:8000", clients=3,
         checkpoint=CheckpointStatus(arch="qwen3_5_moe", quantization=4, layers=4, top_k=4, non_expert_bytes=479_904,
                                     expert_bytes=1_966_080, layer_range=(2, 4)),
