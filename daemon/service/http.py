@@ -26,7 +26,7 @@ from moed.client.client import AsyncClient, DaemonDied, RequestRejected
 from moed.ipc.messages import DaemonStatus, Finished, Token
 
 MAX_BODY_BYTES = 4 << 20
-HTTP_STATUS = {"bad_request": 400, "rejected": 429, "unauthorized": 401, "shutdown": 503, "internal": 500}
+HTTP_STATUS = {"bad_request": 400, "context_length_exceeded": 400, "rejected": 429, "unauthorized": 401, "shutdown": 503, "internal": 500}
 
 
 class ApiError(Exception):
@@ -199,7 +199,8 @@ class Api:
 
         def usage(fin: Finished) -> dict:
             return {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
-                    "total_tokens": fin.prompt_tokens + fin.completion_tokens}
+                    "total_tokens": fin.prompt_tokens + fin.completion_tokens,
+                    "prompt_tokens_details": {"cached_tokens": fin.cached_tokens}}
 
         def finish_reason(fin: Finished) -> str:
             return "length" if fin.reason == "length" else "stop"

@@ -32,7 +32,7 @@ TOTALS = {"requests": 0, "completed": 0, "rejected": 0, "aborted": 0, "failed": 
 LOADING = {"state": "loading", "progress": {"phase": "mapping experts", "done": 0.42}, "pid": 4242,
            "uptime_s": 3.2, "model": "/models/med-qwen3_moe", "rss_bytes": 52_000_000, "http": None,
            "clients": 1, "requests": [], "decode_tps": 0.0, "prefill_tps": 0.0, "kv_cache_bytes": 0,
-           "totals": TOTALS, "max_queue": 32, "context": None, "checkpoint": None, "cache": None, "workers": [],
+           "totals": TOTALS, "max_queue": 32, "context": None, "prompt_cache": None, "checkpoint": None, "cache": None, "workers": [],
            "io": None, "heat": None, "memory": None, "ranks": []}
 
 
@@ -60,7 +60,7 @@ def _busy() -> dict:
         ],
         "decode_tps": 171.18, "prefill_tps": 97.26, "kv_cache_bytes": 3_500_000,
         "totals": dict(TOTALS, requests=9, completed=6, rejected=1, prompt_tokens=850, completion_tokens=1200),
-        "max_queue": 32, "context": 32768,
+        "max_queue": 32, "context": 32768, "prompt_cache": None,
         "checkpoint": {"arch": "qwen3_5_moe", "quantization": 4, "layers": 4, "top_k": 4,
                        "non_expert_bytes": 479_904, "expert_bytes": 1_966_080, "layer_range": [0, 4]},
         "cache": {"budget_bytes": 1_474_560, "slots_per_layer": [12] * 4, "experts_per_layer": [16] * 4,

@@ -276,7 +276,7 @@ def test_http_bad_requests_are_typed(daemon):
         ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), 400, None),
         ("/v1/chat/completions", json.dumps({"messages": chat_ok, "model": "x"}).encode(), 404, "model_not_found"),
         ("/v1/completions", json.dumps({"prompt": "word " * 40000, "max_tokens": 4}).encode(), 400,
-         "bad_request"),  # refused by the engine (past the context): a native Error -> 400
+         "context_length_exceeded"),  # refused by the engine (past the context): a native Error -> 400
     ]
 
     async def go():
@@ -324,5 +324,19 @@ def test_health_without_a_daemon_is_503(tmp_path):
         async with http({"runtime": tmp_path / "none"}) as c:
             r = await c.get("/health")
             assert r.status_code == 503 and r.json()["status"] == "unavailable"
+
+    run(go())
+
+
+def test_http_usage_reports_cached_prompt_tokens(daemon):
+    async def go():
+        async with http(daemon) as c:
+            body = {"prompt": "The paged expert cache keeps the hot experts. " * 8, "max_tokens": 4, "temperature": 0}
+            first = (await c.post("/v1/completions", json=body)).json()
+            second = (await c.post("/v1/completions", json=body)).json()
+            assert first["choices"][0]["text"] == second["choices"][0]["text"]
+            cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+            assert 0 < cached < second["usage"]["prompt_tokens"]
+            assert first["usage"]["prompt_tokens_details"]["cached_tokens"] < cached
 
     run(go())
