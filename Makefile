@@ -3,9 +3,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_MODEL ?= models/tiny-qwen3_5_moe
+# A tiny qwen3_moe trained on Python's standard library (daemon/tools/train.py; committed, never rebuilt).
+DEMO_MODEL ?= models/stdlib-qwen3_moe
 
-.PHONY: venv tools demo test test-all bench bench-big clean
+.PHONY: venv tools demo test test-all bench bench-big bench-routing train-demo clean
 
 venv: $(STAMP)
 
@@ -23,12 +24,13 @@ $(STAMP): pyproject.toml
 
 # The main job: a synthetic model, the daemon, a streamed answer, stats, stop.
 demo: venv
-	$(BIN)/moed make-model $(DEMO_MODEL) --arch qwen3_5_moe --preset tiny --skip-existing
+	test -f $(DEMO_MODEL)/config.json || $(BIN)/moed make-model $(DEMO_MODEL) --arch qwen3_5_moe --preset tiny
 	$(BIN)/moed pack $(DEMO_MODEL)
 	$(BIN)/moed plan --model $(DEMO_MODEL) --cache-fraction 0.25 --context 4096 --no-measure
-	$(BIN)/moed generate --model $(DEMO_MODEL) --prompt "The paged expert cache" --max-tokens 48 --cache-fraction 0.25
+	$(BIN)/moed generate --model $(DEMO_MODEL) --prompt "def read_config(path):" --max-tokens 48 --cache-fraction 0.25 \
+		--temp 0.7 --seed 1
 	MOED_RUNTIME_DIR=$(CURDIR)/.moed-run $(BIN)/moed start --model $(DEMO_MODEL) --cache-fraction 0.25
-	MOED_RUNTIME_DIR=$(CURDIR)/.moed-run $(BIN)/moed run "Once upon a time" --max-tokens 48 -v || \
+	MOED_RUNTIME_DIR=$(CURDIR)/.moed-run $(BIN)/moed run "import os" --max-tokens 48 --temp 0.7 --seed 1 -v || \
 		{ MOED_RUNTIME_DIR=$(CURDIR)/.moed-run $(BIN)/moed stop; exit 1; }
 	MOED_RUNTIME_DIR=$(CURDIR)/.moed-run $(BIN)/moed ps
 	MOED_RUNTIME_DIR=$(CURDIR)/.moed-run $(BIN)/moed stop
@@ -63,11 +65,39 @@ bench: venv
 	$(BIN)/moed trace --model $(MED) --out $(R)/med-trace-256.json --max-tokens 256
 	$(BIN)/moed policy $(R)/med-trace-256.json --fractions 0.1,0.25,0.5 --out $(R)/med-policy.json
 
+# Routing like a real model's (README "Routing like a real model's"): calibrated traces, the trained
+# model's trace and statistics, the policies on both, lookahead under forced routing, top-k quality.
+TRAINED := models/stdlib-qwen3_moe
+bench-routing: venv
+	$(BIN)/python -m moed.daemon.tools.tracesynth calibrate --out $(R)/synth-calibration.json > /dev/null
+	$(BIN)/moed trace synth --experts 512 --top-k 4 --layers 16 --tokens 256 --out $(R)/synth-512-top4-trace.json
+	$(BIN)/moed trace synth --experts 512 --top-k 10 --layers 16 --tokens 220 --out $(R)/synth-512-top10-trace.json
+	$(BIN)/moed trace --model $(TRAINED) --out $(R)/stdlib-trace-256.json --max-tokens 256 \
+		--prompt "$$(printf 'import os\nimport sys\n\n\ndef main(argv):\n    ')"
+	$(BIN)/python -m moed.daemon.tools.tracesynth report --trace trained=$(R)/stdlib-trace-256.json \
+		--trace random-weights-med=$(R)/med-trace-256.json --recall-model $(TRAINED) --out $(R)/routing-stats.json > /dev/null
+	$(BIN)/moed policy $(R)/synth-512-top4-trace.json --fractions 0.03125,0.0625,0.125,0.25 --out $(R)/synth-512-top4-policy.json
+	$(BIN)/moed policy $(R)/synth-512-top10-trace.json --fractions 0.0586,0.125,0.25 --out $(R)/synth-512-top10-policy.json
+	$(BIN)/moed policy $(R)/stdlib-trace-256.json --fractions 0.25,0.5 --out $(R)/stdlib-policy.json
+	$(BIN)/moed trace synth --model $(MED) --tokens 256 --out $(R)/synth-med-trace.json
+	$(BIN)/moed bench --model $(MED) --routing $(R)/synth-med-trace.json --cache-fractions 0.25,0.1 --lookahead off,on \
+		--evictions lru --sampling random --max-tokens 32 --repeat 2 --skip-io --out $(R)/med-forced-lookahead.json
+	$(BIN)/moed policy $(R)/synth-med-trace.json --fractions 0.1,0.25 --policies lru,fwlru,belady --layouts per_layer \
+		--out $(R)/synth-med-policy.json
+	$(BIN)/moed bench --model $(MED) --routing $(R)/synth-med-trace.json --cache-fractions 0.25,0.1 --lookahead off \
+		--evictions lru,fwlru --sampling random --max-tokens 32 --repeat 2 --skip-io --out $(R)/med-forced-eviction.json
+	$(BIN)/python -m moed.daemon.tools.train $(TRAINED) --top-k 8,6,4,2 --provenance $(R)/stdlib-top-k-quality.json > /dev/null
+	$(BIN)/moed bench --model $(TRAINED) --top-k 8,6,4,2 --cache-fractions 0.25 --out $(R)/stdlib-top-k.json
+
+# Retrain the demo model (~20 min of CPU; writes a new checkpoint, then commit it).
+train-demo: venv
+	nice -n 10 $(BIN)/python -m moed.daemon.tools.train $(TRAINED) --provenance $(R)/stdlib-train.json
+
 # A checkpoint larger than this machine's RAM (40 GB; ~15 min to write), decoded from a 2 GB cache.
 bench-big: venv
 	$(BIN)/moed make-model $(BIG) --arch qwen3_moe --preset med --size-gb 40 --skip-existing
 	$(BIN)/moed bench --model $(BIG) --out $(R)/big40.json --cold --skip-mlx-lm --cache-fractions 0.05 \
 		--sampling random --max-tokens 16
 
-clean:
-	rm -rf $(VENV) models
+clean:  # keeps the committed trained demo model (its moed-pack is rebuilt)
+	rm -rf $(VENV) $(filter-out models/stdlib-qwen3_moe,$(wildcard models/*)) models/stdlib-qwen3_moe/moed-pack

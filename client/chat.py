@@ -1,10 +1,14 @@
-"""`moed chat`: an interactive chat with the running daemon, rendered as markdown.
+"""`moed chat`: an interactive chat with the running daemon, rendered as markdown; `moed run`: one answer.
 
 Commands: /stats (the daemon's figures), /reset (forget the conversation), /system TEXT (set the
 system prompt and reset), /exit.
 """
 
 from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
@@ -87,3 +91,68 @@ def _turn(client: Client, messages: list[dict], sampling: dict, console: Console
     if fin is not None:
         console.print(f"[dim]{fin.completion_tokens} tokens, {fin.decode_tps:.1f} tok/s, {fin.reason}[/]")
     return text
+
+
+# ------------------------------------------------------------------------------------------ moed run
+
+
+def read_prompt(prompt: str | None, stdin=None) -> str:
+    """The prompt of `moed run`: the argument; "-" (or none) reads stdin; an argument and piped stdin are
+    joined (the instruction first, then the piped text)."""
+    stdin = stdin or sys.stdin
+    piped = not stdin.isatty()
+    if prompt in (None, "-"):
+        if not piped and prompt is None:
+            raise ValueError("give a PROMPT, or '-' / a pipe to read it from stdin")
+        text = stdin.read()
+        if not text.strip():
+            raise ValueError("the prompt read from stdin is empty")
+        return text
+    if piped:
+        extra = stdin.read()
+        if extra.strip():
+            return f"{prompt}\n\n{extra}"
+    return prompt
+
+
+def run_request(prompt: str, *, raw: bool = False, system: str | None = None, json_schema: str | None = None,
+                sampling: dict | None = None) -> dict:
+    """The Generate keywords of one `moed run`: chat (with `system`) by default, `raw` for plain completion,
+    `json_schema` (a file) for output constrained to that JSON schema (the daemon's grammar)."""
+    kw = dict(sampling or {})
+    if raw:
+        if system is not None:
+            raise ValueError("--system needs the chat template (drop --raw)")
+        kw["prompt"] = prompt
+    else:
+        head = [{"role": "system", "content": system}] if system else []
+        kw["messages"] = head + [{"role": "user", "content": prompt}]
+    if json_schema is not None:
+        try:
+            schema = json.loads(Path(json_schema).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--json-schema {json_schema}: {e}") from None
+        kw["grammar"] = {"type": "json_schema", "schema": schema, "strict": True}
+    return kw
+
+
+def run_once(kw: dict, verbose: bool = False, out=None, err=None) -> int:
+    """Stream one answer to `out`; the daemon's refusal goes to `err` (exit status 1)."""
+    out, err = out or sys.stdout, err or sys.stderr
+    fin = None
+    try:
+        with Client(name="moed run") as c:
+            for ev in c.generate(**kw):
+                if isinstance(ev, Finished):
+                    fin = ev
+                else:
+                    out.write(ev.text)
+                    out.flush()
+    except RequestRejected as e:
+        print(f"moed run: {e}", file=err)
+        return 1
+    out.write("\n")
+    if verbose and fin is not None:
+        print(f"[moed] {fin.completion_tokens} tokens, {fin.decode_tps:.2f} tok/s, ttft {fin.ttft_s:.2f} s, "
+              f"finish: {fin.reason}", file=err)
+    return 0

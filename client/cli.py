@@ -44,6 +44,9 @@ def _daemon_args(a: argparse.Namespace) -> list[str]:
     for flag, v in (("--http", a.http), ("--api-key", a.api_key)):
         if v is not None:
             out += [flag, str(v)]
+    for flag, vs in (("--alias", a.alias), ("--cors-origin", a.cors_origin)):
+        for v in vs or []:
+            out += [flag, v]
     return out
 
 
@@ -86,22 +89,15 @@ def _sampling(a: argparse.Namespace) -> dict:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from moed.client.client import Client
-    from moed.ipc.messages import Finished
+    from moed.client.chat import read_prompt, run_once, run_request
 
-    with Client(name="moed run") as c:
-        kw = {"messages": [{"role": "user", "content": a.prompt}]} if a.chat else {"prompt": a.prompt}
-        fin = None
-        for ev in c.generate(**kw, **_sampling(a)):
-            if isinstance(ev, Finished):
-                fin = ev
-            else:
-                print(ev.text, end="", flush=True)
-    print()
-    if a.verbose and fin is not None:
-        print(f"[moed] {fin.completion_tokens} tokens, {fin.decode_tps:.2f} tok/s, ttft {fin.ttft_s:.2f} s, "
-              f"finish: {fin.reason}", file=sys.stderr)
-    return 0
+    try:
+        kw = run_request(read_prompt(a.prompt), raw=a.raw, system=a.system, json_schema=a.json_schema,
+                         sampling=_sampling(a))
+    except ValueError as e:
+        print(f"moed run: {e}", file=sys.stderr)
+        return 2
+    return run_once(kw, verbose=a.verbose)
 
 
 def cmd_top(a: argparse.Namespace) -> int:
@@ -153,13 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     g.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens (benchmarks)")
+    g.add_argument("--routing", metavar="FILE", help="force each MoE layer's experts from this routing trace "
+                   "(moed trace / moed trace synth): pages what it asks; the tokens are then not the model's")
     PagingConfig.add_args(g)
     launch.add_rank_args(g)
     g.set_defaults(fn=engine_verb("generate"))
 
-    tr = sub.add_parser("trace", help="record which experts each layer needs per decode step")
-    tr.add_argument("--model", required=True)
+    tr = sub.add_parser("trace", help="record which experts each layer needs per decode step; "
+                        "`moed trace synth`: a trace calibrated to real models' routing")
+    tr.add_argument("action", nargs="?", choices=["synth"], help="synth: generate instead of recording")
+    tr.add_argument("--model", help="the model to record (synth: take its experts/top-k/layers)")
     tr.add_argument("--out", required=True, help="trace JSON file to write")
+    tr.add_argument("--experts", type=int, default=512, help="synth: experts per MoE layer (default 512)")
+    tr.add_argument("--top-k", dest="synth_top_k", type=int, default=4, help="synth: experts per token (default 4)")
+    tr.add_argument("--layers", type=int, default=60, help="synth: MoE layers (default 60)")
+    tr.add_argument("--tokens", type=int, default=256, help="synth: decode steps (default 256)")
+    tr.add_argument("--recall", type=float, help="synth: next-layer prediction recall (default 0.595)")
     tr.add_argument("--prompt", default="The history of computing is a story of memory.")
     tr.add_argument("--max-tokens", type=int, default=256)
     tr.add_argument("--temp", type=float, default=1.0)
@@ -183,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--concurrency", help="e.g. 1,2,4: N concurrent streams through a daemon (first cache fraction)")
     b.add_argument("--lookahead", default="auto", help="comma list of auto, off, on (lookahead reads)")
     b.add_argument("--io", default="buffered", help="comma list of buffered, direct (O_DIRECT / F_NOCACHE reads)")
+    b.add_argument("--evictions", default=PagingConfig().eviction,
+                   help="comma list of fwlru, lru (the cache's eviction policy; default: the engine's)")
     b.add_argument("--layouts", default="packed",
                    help="comma list of packed (the `moed pack` store when present), stacked (the shards)")
     b.add_argument("--ranks", help="e.g. 1,2: the model split across N local ranks (first cache fraction)")
@@ -191,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=1,
                    help="run the whole sweep N times, interleaved; ratios pair each run with its round's mlx-lm")
     b.add_argument("--top-k", dest="top_ks", help="e.g. 10,8,6,4: speed and quality (KL, top-1 agreement) per K")
+    b.add_argument("--routing", metavar="FILE", help="force every moed run's experts from this routing trace "
+                   "(the tokens are then not the model's; the mlx-lm baseline keeps its own routing)")
+    b.add_argument("--workload", choices=["decode", "grammar"], default="decode",
+                   help="grammar: the grammar's cost per token at batch 1 and 4 (first cache fraction, --repeat)")
     b.set_defaults(fn=engine_verb("bench"))
 
     for name, fn, hlp in (("start", cmd_start, "start the daemon in the background and wait until it serves"),
@@ -202,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
         ServingConfig.add_args(d)
         d.add_argument("--http", metavar="HOST:PORT", help="serve the OpenAI-compatible API, e.g. 127.0.0.1:8000")
         d.add_argument("--api-key", help="require this bearer token on the HTTP API")
+        d.add_argument("--alias", action="append", metavar="NAME",
+                       help="another name the HTTP API's model answers to (repeatable)")
+        d.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                       help="let a browser page from ORIGIN call the HTTP API, e.g. http://localhost:3000 (repeatable)")
         launch.add_rank_args(d)
         d.set_defaults(fn=fn)
 
@@ -218,9 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("-n", "--lines", type=int, default=50)
     lg.set_defaults(fn=cmd_logs)
 
-    r = sub.add_parser("run", help="stream an answer from the running daemon")
-    r.add_argument("prompt")
-    r.add_argument("--chat", action="store_true", help="apply the chat template")
+    r = sub.add_parser("run", help="stream one answer from the running daemon (chat; prompt from stdin: - or a pipe)")
+    r.add_argument("prompt", nargs="?", help="the prompt; '-' or none reads stdin (piped text is appended to it)")
+    r.add_argument("--raw", action="store_true", help="plain completion of the text (no chat template)")
+    r.add_argument("--chat", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
+    r.add_argument("--system", help="system prompt (chat)")
+    r.add_argument("--json-schema", metavar="FILE", help="answer as JSON valid against this JSON schema file")
     r.add_argument("-v", "--verbose", action="store_true", help="print timing after the answer")
     c = sub.add_parser("chat", help="interactive chat with the running daemon")
     c.add_argument("--system", help="system prompt")

@@ -104,6 +104,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
     lk = link()
     rank = lk.rank if lk else 0
     with load_paged(a.model, paging, group=lk.group if lk else None) as pm:
+        if getattr(a, "routing", None):
+            from moed.daemon.engine.loader import log
+            from moed.daemon.engine.routing import force_routing, load_routing
+
+            force_routing(pm, load_routing(a.routing), log)
+            log(f"--routing {a.routing}: each MoE layer's experts come from the trace; the tokens are not the model's")
         prompt = encode_prompt(pm.tokenizer, a.prompt, chat=a.chat)
         params = SamplingParams(max_tokens=a.max_tokens, temp=a.temp, seed=a.seed, ignore_eos=a.ignore_eos)
         echo = None if a.json or rank else (lambda t: print(t, end="", flush=True))
@@ -116,7 +122,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
                "peak_rss_bytes": peak_rss_bytes(), "cache_bytes": pm.info["cache_bytes"],
                "non_expert_bytes": pm.non_expert_bytes, "expert_bytes": pm.expert_bytes,
                "slots_per_layer": pm.info["slots_per_layer"], "workers": paging.workers,
-               "worker_pids": pm.fetcher.pids, "ranks": ranks}
+               "worker_pids": pm.fetcher.pids, "ranks": ranks, "routing": getattr(a, "routing", None)}
     if rank:
         return 0
     if a.json:
@@ -130,6 +136,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def cmd_trace(a: argparse.Namespace) -> int:
+    if a.action == "synth":
+        from moed.daemon.tools.tracesynth import main as synth_main
+
+        return synth_main(a)
+    if not a.model:
+        sys.exit("moed trace: --model is required (or `moed trace synth`)")
     from moed.daemon.engine.generate import SamplingParams
     from moed.daemon.tools.trace import record_trace, save_trace
 
@@ -147,6 +159,11 @@ def cmd_policy(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    if getattr(a, "workload", "decode") == "grammar":
+        from moed.daemon.tools import grammarbench
+
+        grammarbench.run(a.model, a.out, a.repeat, a.max_tokens, float(str(a.cache_fractions).split(",")[0]))
+        return 0
     from moed.daemon.tools.bench import main as bench_main
 
     return bench_main(a)
@@ -183,4 +200,5 @@ def cmd_daemon(a: argparse.Namespace) -> int:
     if not model:
         raise ValueError("give --model DIR (or --demo)")
     return supervise(DaemonConfig(model=model, paging=paging, serving=ServingConfig.from_args(a),
-                                  http=a.http, api_key=a.api_key), link())
+                                  http=a.http, api_key=a.api_key, aliases=a.alias or [],
+                                  cors_origins=a.cors_origin or []), link())

@@ -68,12 +68,13 @@ def wait_until(pred, timeout: float = 30, every: float = 0.05):
 
 
 @contextlib.contextmanager
-def http_daemon(model: Path, runtime: Path, cache_fraction: float):
-    """`moed start` on `model` with the HTTP API on a free loopback port; yields {env, runtime, port,
-    pid, model}; stops it after and checks that nothing of it is left."""
+def http_daemon(model: Path, runtime: Path, cache_fraction: float, *extra: str):
+    """`moed start` on `model` with the HTTP API on a free loopback port (and `extra` start flags); yields
+    {env, runtime, port, pid, model}; stops it after and checks that nothing of it is left."""
     env = env_for(runtime)
     port = free_port()
-    moed(env, "start", "--model", str(model), "--cache-fraction", str(cache_fraction), "--http", f"127.0.0.1:{port}")
+    moed(env, "start", "--model", str(model), "--cache-fraction", str(cache_fraction), "--http", f"127.0.0.1:{port}",
+         *extra)
     try:
         snap = status(env)
         yield {"env": env, "runtime": runtime, "port": port, "pid": snap["pid"], "model": snap["model"]}

@@ -21,7 +21,7 @@ import mlx.nn as nn
 import numpy as np
 
 from moed.daemon.engine.index import FLOATS, ExpertLayer, ExpertTensor
-from moed.daemon.engine.slots import CacheStats, LayerSlots
+from moed.daemon.engine.slots import CacheStats, make_slots
 
 MX_DTYPES = {
     "F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32,
@@ -193,14 +193,15 @@ class ExpertStore:
         n_slots: slots per layer.
         reader: reads byte ranges (the fetcher fronting the I/O workers).
         cast: see TensorPool.
+        eviction: the slot tables' policy (slots.EVICTIONS: "lru", "fwlru").
     """
 
     def __init__(self, layers: list[ExpertLayer], n_slots: list[int], reader: Reader,
-                 cast: mx.Dtype | None = None):
+                 cast: mx.Dtype | None = None, eviction: str = "lru"):
         self.layers = layers
         self.reader = reader
         self.pools = [[TensorPool(t, n, cast) for t in layer.tensors] for layer, n in zip(layers, n_slots)]
-        self.slots = [LayerSlots(n, layer.num_experts) for layer, n in zip(layers, n_slots)]
+        self.slots = [make_slots(eviction, n, layer.num_experts) for layer, n in zip(layers, n_slots)]
         n = len(layers)
         self.stats = CacheStats(layer_hits=[0] * n, layer_misses=[0] * n)
         self.observers: list[Observer] = []

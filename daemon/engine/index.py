@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -133,8 +134,35 @@ def shard_files(model_dir: Path) -> list[Path]:
 
 
 def source_fingerprint(files: list[Path]) -> list[dict]:
-    """What a pack was made from: each shard's name, size and modification time."""
-    return [{"file": f.name, "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
+    """What a pack was made from: each shard's name, size, times, inode and a checksum of its header.
+
+    The change time and inode catch a shard rewritten while keeping its size and mtime (`cp -p`,
+    `tar x`, a rename over it): neither can be set back by a user. Copying the whole model directory
+    therefore makes its pack stale too, which is refused (and `moed pack` rebuilds it), never used.
+    """
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append({"file": f.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+                    "ino": st.st_ino, "header_crc32": _header_crc32(f)})
+    return out
+
+
+def _header_crc32(path: Path) -> int:
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
+        return zlib.crc32(raw + fh.read(min(n, 100 << 20)))
+
+
+def pack_member(pack_dir: Path, name: object) -> Path:
+    """`pack_dir / name` for a name from a pack index, refused unless it is a plain file name inside the pack."""
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise ValueError(f"pack index names a file outside {pack_dir}: {name!r}")
+    f = pack_dir / name
+    if f.resolve().parent != pack_dir.resolve():
+        raise ValueError(f"pack index names a file outside {pack_dir}: {name!r} (a link to {f.resolve()})")
+    return f
 
 
 class TensorTable:
@@ -159,11 +187,15 @@ class TensorTable:
     def _use_pack(self, pack_dir: Path) -> None:
         try:
             index = json.loads((pack_dir / PACK_INDEX).read_text())
-            if index.get("source") != source_fingerprint(self.files):
-                raise ValueError("the checkpoint changed since `moed pack`")
+            now = source_fingerprint(self.files)
+            if index.get("source") != now:
+                was = {s.get("file"): s for s in index.get("source") or [] if isinstance(s, dict)}
+                changed = [s["file"] for s in now if was.get(s["file"]) != s] or ["the list of shards"]
+                raise ValueError(f"the checkpoint changed since `moed pack` ({', '.join(changed)}); "
+                                 "run `moed pack` again")
             files, packed = [], {}
             for entry in index["layers"]:
-                f = pack_dir / entry["file"]
+                f = pack_member(pack_dir, entry["file"])
                 if f.stat().st_size < entry["stride"] * entry["num_experts"]:
                     raise ValueError(f"{f.name} is truncated")
                 files.append(f)

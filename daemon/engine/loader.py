@@ -134,7 +134,7 @@ def load_paged(model: str | Path, paging: PagingConfig | None = None, *,
     fetcher = Fetcher([str(f) for f in table.files], workers=paging.workers, staging_bytes=staging,
                       runtime_dir=daemon_files().dir, direct=paging.direct).start()
     try:
-        store = ExpertStore(layers, n_slots, fetcher, cast)
+        store = ExpertStore(layers, n_slots, fetcher, cast, eviction=paging.eviction)
         paged = []
         for i, (p, m) in enumerate(switches):
             params = [k for k, _ in tree_flatten(m.parameters())]

@@ -17,6 +17,7 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from moed.daemon.engine.modules import arch_of, find_switches, module_at
 
@@ -190,3 +191,163 @@ def set_top_k(model: nn.Module, k: int, hidden: int | None) -> None:
         if got != k:
             raise ValueError(f"--top-k is not supported for {arch}: {type(r.block).__name__} still routes "
                              f"{got} experts per token (its top-k is not an attribute moed can set)")
+
+
+# ---------------------------------------------------------------------------- forced routing
+
+
+class RoutingTrace:
+    """A trace's routing per MoE layer, for forcing it on a model (`--routing FILE`).
+
+    `routes[layer]`: (tokens, k) experts, in the trace's order; `predictions[layer]`: where the
+    trace carries them, (tokens, k') experts predicted for layer + 1 at each of those tokens (the
+    trace's lookahead), else None. Built from a moed-trace dict (tools/policy.py documents it;
+    `predictions`, when present, lists one entry per step: the experts predicted for the next MoE
+    layer, or null). Visits with other than `top_k` experts (unions of several tokens) are left out.
+    """
+
+    def __init__(self, trace: dict):
+        self.top_k = int(trace["top_k"])
+        self.num_experts = [int(n) for n in trace["num_experts"]]
+        self.source = trace.get("model") or trace.get("source") or "trace"
+        per: list[list[list[int]]] = [[] for _ in self.num_experts]
+        ahead: list[list] = [[] for _ in self.num_experts]
+        preds = trace.get("predictions")
+        for i, (layer, experts) in enumerate(trace["steps"]):
+            if len(experts) == self.top_k:
+                per[layer].append(list(experts))
+                ahead[layer].append(None if preds is None else preds[i])
+        empty = [i for i, p in enumerate(per) if not p]
+        if empty:
+            raise ValueError(f"the trace has no {self.top_k}-expert visit of MoE layer(s) {empty}")
+        self.routes = [np.asarray(p, dtype=np.int32) for p in per]
+        self.predictions = [self._predicted(a) for a in ahead]
+
+    @staticmethod
+    def _predicted(rows: list) -> np.ndarray | None:
+        if not rows or any(r is None for r in rows):
+            return None
+        width = max(len(r) for r in rows)
+        out = np.full((len(rows), width), -1, dtype=np.int32)  # -1: no guess (the store drops them)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = r
+        return out
+
+    @property
+    def has_predictions(self) -> bool:
+        return all(p is not None for p in self.predictions[:-1])
+
+    def check(self, num_experts: list[int], top_k: int) -> None:
+        """ValueError unless the trace's shape is the model's: MoE layers, experts per layer, top-k."""
+        if len(num_experts) != len(self.num_experts) or list(num_experts) != self.num_experts:
+            raise ValueError(f"--routing: the trace has {len(self.num_experts)} MoE layers of "
+                             f"{sorted(set(self.num_experts))} experts, the model {len(num_experts)} of "
+                             f"{sorted(set(num_experts))} (make one for this shape: moed trace synth --model)")
+        if top_k != self.top_k:
+            raise ValueError(f"--routing: the trace routes top-{self.top_k}, the model top-{top_k} "
+                             "(same k: set --top-k or make the trace for this k)")
+
+
+def load_routing(path: str) -> RoutingTrace:
+    """Read a trace file for `--routing` (validated by the policy simulator's checker)."""
+    from moed.daemon.tools.policy import load_trace  # pure numpy; the engine takes only the checker
+
+    return RoutingTrace(load_trace(path))
+
+
+class ForcedRouting:
+    """Replaces each paged MoE layer's choice of experts by the trace's (same k), so the engine pages,
+    reads and computes exactly what the trace asks; the model's output is then not the model's.
+
+    Each layer keeps a cursor into its trace routes: a call on T tokens takes the next T rows
+    (wrapping at the end). Where the trace carries predictions, they replace the model's lookahead
+    (the next layer's experts predicted at the same tokens); where it does not, lookahead is off
+    (the model's own prediction would guess its own routing, not the trace's).
+
+    Args:
+        switches: the paged expert modules (experts.PagedSwitch), one per MoE layer, in order.
+        trace: the routing to force.
+        log: one line per decision worth knowing.
+    """
+
+    def __init__(self, switches: list, trace: RoutingTrace, log: Callable[[str], None] = lambda s: None):
+        self.trace, self.switches = trace, switches
+        self.cursor = [0] * len(switches)
+        self.last = [(0, 0)] * len(switches)  # each layer's rows of its latest call
+        self.off: str | None = None
+        self.lookahead = any(getattr(s, "lookahead", None) is not None for s in switches)
+        if self.lookahead:
+            if trace.has_predictions:
+                for s in switches:
+                    s.set_lookahead(self)
+            else:
+                self.lookahead = False
+                for s in switches:
+                    s.set_lookahead(None)
+                log("lookahead off: the routing trace carries no predictions")
+        for i, s in enumerate(switches):
+            _force(s, lambda indices, i=i: self.indices(i, indices))
+
+    def indices(self, layer: int, indices: mx.array) -> mx.array:
+        """The trace's experts for the next tokens of `layer`, shaped like the model's `indices`."""
+        shape = indices.shape
+        if shape[-1] != self.trace.top_k:
+            raise ValueError(f"--routing: layer {layer} routes {shape[-1]} experts, the trace {self.trace.top_k}")
+        routes = self.trace.routes[layer]
+        n = int(np.prod(shape[:-1]))
+        start = self.cursor[layer]
+        rows = np.arange(start, start + n) % len(routes)
+        self.cursor[layer] = start + n
+        self.last[layer] = (start, n)
+        return mx.array(routes[rows].reshape(shape)).astype(indices.dtype)
+
+    # the Lookahead interface PagedSwitch uses (predict / disable / off)
+    def predict(self, layer: int) -> mx.array | None:
+        """The trace's prediction of layer + 1's experts at the tokens `layer` computes now."""
+        preds = self.trace.predictions[layer] if layer + 1 < len(self.switches) else None
+        if preds is None:
+            return None
+        start, n = self.last[layer]
+        return mx.array(preds[np.arange(start, start + n) % len(preds)].reshape(-1))
+
+    def disable(self, reason: str) -> None:
+        self.off = self.off or reason
+
+    def close(self) -> None:
+        for s in self.switches:
+            _unforce(s)
+
+
+_FORCED: dict[type, type] = {}
+
+
+def _force(switch: nn.Module, replace: Callable[[mx.array], mx.array]) -> None:
+    """Swap `switch`'s class for a subclass whose `__call__(x, indices)` passes `replace(indices)` on
+    (the parameter tree is unchanged, as with `tap`)."""
+    cls = type(switch)
+    if cls not in _FORCED:
+        base = cls
+
+        def __call__(self, x, indices, *args, **kwargs):
+            return base.__call__(self, x, self._moed_replace(indices), *args, **kwargs)
+
+        _FORCED[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                                   "_moed_unforced": cls})
+    object.__setattr__(switch, "_moed_replace", replace)
+    switch.__class__ = _FORCED[cls]
+
+
+def _unforce(switch: nn.Module) -> None:
+    base = getattr(type(switch), "_moed_unforced", None)
+    if base is not None:
+        switch.__class__ = base
+        del switch.__dict__["_moed_replace"]
+
+
+def force_routing(pm, trace: RoutingTrace, log: Callable[[str], None] = lambda s: None) -> ForcedRouting:
+    """Force `trace` on a paged model (loader.PagedModel); ValueError when the shapes differ."""
+    from moed.daemon.engine.experts import PagedSwitch
+
+    switches = sorted((m for _, m in pm.model.named_modules() if isinstance(m, PagedSwitch)), key=lambda s: s.layer)
+    trace.check(pm.info["experts_per_layer"], pm.top_k)
+    return ForcedRouting(switches, trace, log)

@@ -75,9 +75,12 @@ def processors(g: Generate, tokenizer) -> list:
     procs = make_logits_processors(dict(g.logit_bias) if g.logit_bias else None, g.repetition_penalty, 20,
                                    g.presence_penalty, 20, g.frequency_penalty, 20)
     if g.grammar is not None:
-        from moed.daemon.engine.grammar import make_processor
+        from moed.daemon.engine.grammar import GrammarError, make_processor
 
-        procs.append(make_processor(g.grammar, tokenizer))
+        try:
+            procs.append(make_processor(g.grammar, tokenizer))
+        except GrammarError as e:  # grammar.py raises its own, so it need not import this module
+            raise BadSampling(str(e)) from None
     return procs
 
 

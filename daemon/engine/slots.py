@@ -105,3 +105,56 @@ class LayerSlots:
     def full(self) -> bool:
         """Every expert of the layer has a slot."""
         return len(self._lru) == len(self.lut)
+
+
+class FreqLayerSlots(LayerSlots):
+    """The slot table with frequency-weighted LRU eviction (Flash-MoE's CUDA port): the expert of
+    lowest uses x 10 + last use is evicted (uses counted over the run, surviving eviction; the clock
+    ticks once per `assign`, i.e. per visit of the layer). Mirrors `tools/policy.FreqLRU` exactly."""
+
+    WEIGHT = 10
+
+    def __init__(self, n_slots: int, num_experts: int):
+        super().__init__(n_slots, num_experts)
+        self.count = np.zeros(num_experts, dtype=np.int64)
+        self._last: dict[int, int] = {}  # resident expert -> tick of last use, in insertion order
+        self.tick = 0
+
+    def assign(self, experts: np.ndarray) -> tuple[int, list[tuple[int, int]]]:
+        self.tick += 1
+        keys = experts.tolist()
+        hits = sum(1 for e in keys if self.lut[e] >= 0)
+        over = len(self._last) + (len(keys) - hits) - self.n_slots
+        if over > 0:
+            pinned = set(keys)
+            cands = sorted(((int(self.count[e]) * self.WEIGHT + t, t, e) for e, t in self._last.items()
+                            if e not in pinned), key=lambda c: (c[0], c[1]))
+            for _, _, e in cands[:over]:
+                self._free.append(int(self.lut[e]))
+                self.lut[e] = -1
+                del self._last[e]
+                self._lru.pop(e, None)
+                self.evictions += 1
+        filled = []
+        for e in keys:
+            self.count[e] += 1
+            if self.lut[e] < 0:
+                slot = self._free.pop()
+                self.lut[e] = slot
+                self._lru[e] = slot
+                filled.append((e, slot))
+            self._last[e] = self.tick
+        return hits, filled
+
+    def forget(self, experts: list[int]) -> None:
+        for e in experts:
+            self._last.pop(e, None)
+        super().forget(experts)
+
+
+EVICTIONS = {"lru": LayerSlots, "fwlru": FreqLayerSlots}
+
+
+def make_slots(eviction: str, n_slots: int, num_experts: int) -> LayerSlots:
+    """A layer's slot table under `eviction` (a key of EVICTIONS)."""
+    return EVICTIONS[eviction](n_slots, num_experts)

@@ -9,107 +9,91 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
+import re
 import threading
 import time
 import uuid
 from dataclasses import asdict
+from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from moed.client.client import AsyncClient, DaemonDied, RequestRejected
-from moed.ipc.messages import DaemonStatus, Finished, Token
+from moed.daemon.service import anthropic, openai
+from moed.daemon.service import tools as tool_calls
+from moed.daemon.service.api import (HTTP_STATUS, ApiError, error_response, is_loopback, native_error,  # noqa: F401
+                                     parse_hostport, parse_json_object)
+from moed.ipc.messages import DaemonStatus, Token
 
 MAX_BODY_BYTES = 4 << 20
-HTTP_STATUS = {"bad_request": 400, "context_length_exceeded": 400, "rejected": 429, "unauthorized": 401, "shutdown": 503, "internal": 500}
+KEEPALIVE_S = 5.0  # an SSE comment this often while a stream waits (long prefill, slow tokens)
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
-        super().__init__(message)
-        self.status, self.kind, self.code = status, kind, code
-
-
-def error_response(e: ApiError) -> JSONResponse:
-    return JSONResponse({"error": {"message": str(e), "type": e.kind, "code": e.code}}, status_code=e.status)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def hf_ids(model: str) -> list[str]:
+    """The Hugging Face ids a checkpoint is known by: the id it was started with, the HF cache folder it lies
+    in, its config's/tokenizer config's name_or_path and the id mlx-lm's README names (those that look
+    like "org/name")."""
+    looks = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+    found = []
+    path = Path(model).expanduser()
+    if not path.is_dir() and looks.match(model):
+        found.append(model)
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        from moed.daemon.engine.checkpoint import resolve_model
 
-
-def parse_hostport(spec: str) -> tuple[str, int]:
-    host, _, port = spec.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-# ---------------------------------------------------------------- request translation
-
-
-def _number(body: dict, key: str, default, lo, hi, kind=float):
-    v = body.get(key, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
-        raise ApiError(400, f"'{key}' must be a {'integer' if kind is int else 'number'}")
-    if not lo <= v <= hi:
-        raise ApiError(400, f"'{key}' must be between {lo} and {hi}, got {v}")
-    return kind(v)
-
-
-def sampling(body: dict, default_max: int) -> dict:
-    """OpenAI sampling fields -> Generate fields, validated."""
-    max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) for s in stop)):
-        raise ApiError(400, "'stop' must be a string or a list of strings")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ApiError(400, "'seed' must be an integer")
-    return {"max_tokens": _number(body, max_key, default_max, 1, 1 << 20, int),
-            "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
-            "top_p": _number(body, "top_p", 1.0, 0.0, 1.0), "seed": seed, "stop": stop}
-
-
-def chat_messages(body: dict) -> list[dict]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise ApiError(400, "'messages' must be a non-empty list")
-    out = []
-    for m in msgs:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ApiError(400, "each message needs a 'role' and 'content'")
-        content = m.get("content", "")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        if not isinstance(content, str):
-            raise ApiError(400, "message 'content' must be a string")
-        out.append({"role": m["role"], "content": content})
-    return out
+        path = resolve_model(model)
+    except Exception:
+        return found
+    for part in path.parts:
+        if part.startswith("models--"):
+            found.append(part[len("models--"):].replace("--", "/", 1))
+    for name, key in (("config.json", "_name_or_path"), ("tokenizer_config.json", "name_or_path")):
+        try:
+            v = json.loads((path / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(v, str) and looks.match(v) and not Path(v).exists():
+            found.append(v)
+    try:
+        m = re.search(r"The Model \[([\w.-]+/[\w.-]+)\]", (path / "README.md").read_text(errors="replace"))
+        if m:
+            found.append(m.group(1))
+    except OSError:
+        pass
+    return list(dict.fromkeys(found))
 
 
 # ---------------------------------------------------------------- the app
 
 
 class Api:
-    def __init__(self, runtime_dir, api_key: str | None):
+    """The HTTP API's state: one native connection per event loop, the model's names, its tokenizer.
+
+    Args:
+        runtime_dir: the daemon's runtime folder (its native socket).
+        api_key: the bearer token required on every route but /health (None: open, loopback only).
+        aliases: more names the model answers to (`--alias`).
+    """
+
+    def __init__(self, runtime_dir, api_key: str | None, aliases=()):
         self.runtime_dir, self.api_key = runtime_dir, api_key
         # one native connection per event loop (a zmq.asyncio socket belongs to one loop), made once
         # even when the first requests come together; its calls each have their own future
         self._clients: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}
         self.model = "moed"
+        self.aliases = list(aliases)
+        self.keepalive_s = KEEPALIVE_S
+        self._names: list[str] | None = None
+        self._model_arg: str | None = None
+        self._tokenizer: asyncio.Future | None = None
 
     async def native(self) -> AsyncClient:
         loop = asyncio.get_running_loop()
@@ -119,6 +103,24 @@ class Api:
         client = await asyncio.shield(task)  # a cancelled request does not cancel the connection
         self.model = client.model
         return client
+
+    async def names(self) -> list[str]:
+        """Every name the served model answers to: its folder's name first, its HF ids, the aliases."""
+        client = await self.native()
+        if self._names is None:
+            self._model_arg = (await client.status()).model
+            ids = await asyncio.to_thread(hf_ids, self._model_arg)
+            self._names = list(dict.fromkeys([client.model, *ids, *self.aliases]))
+        return self._names
+
+    async def tokenizer(self):
+        """mlx-lm's tokenizer of the served checkpoint (daemon/service/tools.py), loaded once, in a thread."""
+        if self._tokenizer is None or (self._tokenizer.done() and self._tokenizer.exception() is not None):
+            async def load():
+                await self.names()
+                return await asyncio.to_thread(tool_calls.load_tokenizer, self._model_arg)
+            self._tokenizer = asyncio.ensure_future(load())
+        return await asyncio.shield(self._tokenizer)
 
     def check_auth(self, request: Request) -> None:
         if self.api_key is None:
@@ -131,17 +133,18 @@ class Api:
         raw = await request.body()
         if len(raw) > MAX_BODY_BYTES:
             raise ApiError(413, "request body too large")
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise ApiError(400, "body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "body must be a JSON object")
-        model = body.get("model")
-        if model not in (None, "", self.model, "default"):
-            raise ApiError(404, f"model {model!r} is not served here (this daemon serves {self.model!r})",
-                           code="model_not_found")
+        body = parse_json_object(raw)
+        await self.check_model(body.get("model"))
         return body
+
+    async def check_model(self, model) -> None:
+        if model in (None, "", "default"):
+            return
+        names = await self.names()
+        if model not in names:
+            served = ", ".join(map(repr, names))
+            raise ApiError(404, f"model {model!r} is not served here (this daemon serves {served})",
+                           code="model_not_found")
 
     # -------------------------------------------------------------- routes
 
@@ -153,11 +156,19 @@ class Api:
         return JSONResponse({"status": snap.state, "progress": asdict(snap.progress)},
                             status_code=200 if snap.state == "ready" else 503)
 
+    @staticmethod
+    def _model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "moed"}
+
     async def models(self, request: Request) -> Response:
         self.check_auth(request)
-        await self.native()
-        return JSONResponse({"object": "list", "data": [{"id": self.model, "object": "model",
-                                                         "created": 0, "owned_by": "moed"}]})
+        return JSONResponse({"object": "list", "data": [self._model_card(n) for n in await self.names()]})
+
+    async def model_card(self, request: Request) -> Response:
+        self.check_auth(request)
+        name = request.path_params["name"]
+        await self.check_model(name or None)
+        return JSONResponse(self._model_card(name))
 
     async def metrics(self, request: Request) -> Response:
         self.check_auth(request)
@@ -168,85 +179,217 @@ class Api:
         self.check_auth(request)
         client = await self.native()
         body = await self.body(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ApiError(400, "'prompt' must be a string")
-        gen = client.generate(prompt, **sampling(body, 16))
-        return await self.respond(gen, body, chat=False)
+        plan = openai.completions_plan(body, await self.tokenizer())
+        return await self.respond(request, client, plan)
 
     async def chat(self, request: Request) -> Response:
         self.check_auth(request)
         client = await self.native()
         body = await self.body(request)
-        gen = client.generate(messages=chat_messages(body), **sampling(body, 256))
-        return await self.respond(gen, body, chat=True)
-
-    async def respond(self, gen, body: dict, chat: bool) -> Response:
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        kind = "chat.completion" if chat else "text_completion"
-        first = await self._first(gen)  # errors before streaming become HTTP errors
-
-        def choice(text: str | None, finish: str | None, delta: bool) -> dict:
-            if not chat:
-                return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-            if delta:
-                d = {"role": "assistant", "content": text} if text is not None else {}
-                return {"index": 0, "delta": d, "finish_reason": finish}
-            return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-
-        def usage(fin: Finished) -> dict:
-            return {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
-                    "total_tokens": fin.prompt_tokens + fin.completion_tokens,
-                    "prompt_tokens_details": {"cached_tokens": fin.cached_tokens}}
-
-        def finish_reason(fin: Finished) -> str:
-            return "length" if fin.reason == "length" else "stop"
-
-        if body.get("stream"):
-            async def events():
-                obj = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created, "model": self.model}
-                try:
-                    async for ev in _chain(first, gen):
-                        if isinstance(ev, Token):
-                            if ev.text:
-                                yield f"data: {json.dumps({**obj, 'choices': [choice(ev.text, None, True)]})}\n\n"
-                        else:
-                            last = {**obj, "choices": [choice(None if chat else "", finish_reason(ev), True)],
-                                    "usage": usage(ev)}
-                            yield f"data: {json.dumps(last)}\n\n"
-                except (RequestRejected, DaemonDied) as e:
-                    yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(events(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        text, fin = "", None
-        async for ev in _chain(first, gen):
-            if isinstance(ev, Token):
-                text += ev.text
-            else:
-                fin = ev
-        return JSONResponse({"id": rid, "object": kind, "created": created, "model": self.model,
-                             "choices": [choice(text, finish_reason(fin), False)], "usage": usage(fin)})
+        tok = await self.tokenizer()
+        plan = openai.chat_plan(body, tok)
+        if tok.has_thinking or tok.response_initial_state:
+            plan.initial = tool_calls.initial_state(tok, await self._render(tok, plan.kw))
+        return await self.respond(request, client, plan)
 
     @staticmethod
-    async def _first(gen):
+    async def _render(tok, kw: dict) -> str:
+        """The prompt text as the engine renders it (the chat template's refusal is a 400)."""
+        args = dict(kw.get("chat_template_kwargs") or {})
+        if kw.get("tools"):
+            args["tools"] = kw["tools"]
         try:
-            return await gen.__anext__()
-        except RequestRejected as e:
-            raise ApiError(HTTP_STATUS.get(e.code, 400), e.reason, code=e.code) from None
-        except DaemonDied as e:
-            raise ApiError(503, str(e), "server_error") from None
+            return await asyncio.to_thread(tok.apply_chat_template, kw["messages"], tokenize=False,
+                                           add_generation_prompt=True, **args)
+        except Exception as e:  # a template's own check (e.g. roles must alternate)
+            raise ApiError(400, f"'messages': the chat template refused them: {e}") from None
+
+    # -------------------------------------------------------------- answers
+
+    def _gens(self, client: AsyncClient, plan: openai.Plan) -> list:
+        """One native Generate per choice: n per prompt, seeds seed + i (distinct, reproducible)."""
+        gens = []
+        for prompt in (plan.prompts or [None]):
+            for i in range(plan.n):
+                kw = dict(plan.kw)
+                seed = kw.pop("seed", None)
+                if prompt is not None:
+                    kw["prompt"] = prompt
+                gens.append(client.generate(seed=None if seed is None else seed + i, **kw))
+        return gens
+
+    async def respond(self, request: Request, client: AsyncClient, plan: openai.Plan) -> Response:
+        tok = await self.tokenizer()
+        text_of = openai.TokenText(tok)
+        if plan.stream:
+            return await self._stream(client, plan, tok, text_of)
+        gens = self._gens(client, plan)
+
+        async def one(i: int, gen) -> openai.Choice:
+            splitter = tool_calls.ToolCallStream(tok, plan.tools, plan.initial, plan.parse_tools, plan.parallel) \
+                if plan.chat else None
+            return await openai.collect(gen, openai.Choice(i), splitter)
+
+        work = asyncio.ensure_future(openai.gather_cancelling(one(i, g) for i, g in enumerate(gens)))
+        gone = asyncio.ensure_future(until_disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not work.done():  # the client went away: abort its generations (closing them sends Abort)
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            return Response(status_code=499)
+        try:
+            choices = work.result()
+        except (RequestRejected, DaemonDied) as e:
+            raise native_error(e) from None
+        return JSONResponse(self._whole(plan, choices, text_of))
+
+    def _whole(self, plan: openai.Plan, choices: list, text_of) -> dict:
+        fins = [c.finished for c in choices]
+        out = {"id": ("chatcmpl-" if plan.chat else "cmpl-") + uuid.uuid4().hex[:24],
+               "object": "chat.completion" if plan.chat else "text_completion", "created": int(time.time()),
+               "model": self.model, "choices": [], "usage": openai.usage(fins, plan.n)}
+        for c in choices:
+            if plan.chat:
+                ch = {"index": c.index, "message": openai.chat_message(c), "finish_reason": c.finish_reason(),
+                      "logprobs": openai.chat_logprobs(c.tokens, text_of) if plan.logprobs >= 0 else None}
+            else:
+                prompt = plan.prompts[c.index // plan.n] if plan.echo else ""
+                ch = {"index": c.index, "text": prompt + c.content, "finish_reason": c.finish_reason(),
+                      "logprobs": openai.legacy_logprobs(c.tokens, text_of) if plan.logprobs >= 0 else None}
+            out["choices"].append(ch)
+        return out
+
+    async def _stream(self, client: AsyncClient, plan: openai.Plan, tok, text_of) -> Response:
+        (gen,) = self._gens(client, plan)
+        first = asyncio.ensure_future(gen.__anext__())
+        await asyncio.wait({first}, timeout=self.keepalive_s)
+        if first.done():  # errors before the first token are HTTP errors; after a long wait they are events
+            try:
+                first.result()
+            except StopAsyncIteration:
+                pass
+            except (RequestRejected, DaemonDied) as e:
+                raise native_error(e) from None
+        rid = ("chatcmpl-" if plan.chat else "cmpl-") + uuid.uuid4().hex[:24]
+        obj = {"id": rid, "object": "chat.completion.chunk" if plan.chat else "text_completion",
+               "created": int(time.time()), "model": self.model}
+        splitter = tool_calls.ToolCallStream(tok, plan.tools, plan.initial, plan.parse_tools, plan.parallel) \
+            if plan.chat else None
+        chunk = Chunker(plan, text_of)
+
+        def data(choices: list, **extra) -> str:
+            return f"data: {json.dumps({**obj, 'choices': choices, **extra})}\n\n"
+
+        async def events():
+            if plan.echo:
+                yield data([chunk.text(plan.prompts[0], [])])
+            pending: list[Token] = []  # tokens whose text has not gone out yet (for their logprobs)
+            try:
+                async for ev in ticking(gen, self.keepalive_s, first):
+                    if ev is None:
+                        yield ": keep-alive\n\n"
+                    elif isinstance(ev, Token):
+                        pending.append(ev)
+                        parts = splitter.feed(ev.text) if splitter else ([tool_calls.Segment("content", ev.text)]
+                                                                          if ev.text else [])
+                        for c in chunk.parts(parts, pending):
+                            yield data([c])
+                    else:
+                        parts = splitter.finish() if splitter else []
+                        for c in chunk.parts(parts, pending, final=True):
+                            yield data([c])
+                        reason = ("length" if ev.reason == "length" else
+                                  "tool_calls" if chunk.calls else "stop")
+                        last = chunk.end(reason, pending)
+                        u = openai.usage([ev])
+                        if plan.include_usage:
+                            yield data([last])
+                            yield data([], usage=u)
+                        else:
+                            yield data([last], usage=u)
+            except (RequestRejected, DaemonDied) as e:
+                err = native_error(e)
+                yield f"data: {json.dumps({'error': {'message': str(err), 'type': err.kind, 'code': err.code}})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _chain(first, gen):
-    yield first
-    if not isinstance(first, Finished):
-        async for ev in gen:
+class Chunker:
+    """Stream chunks' choices: content / reasoning / tool-call deltas (chat) or text (completions), each
+    carrying the logprobs of the tokens that went out with it."""
+
+    def __init__(self, plan: openai.Plan, text_of):
+        self.plan, self.text_of, self.calls = plan, text_of, 0
+
+    def _logprobs(self, tokens: list[Token]):
+        if self.plan.logprobs < 0:
+            return {}
+        lp = openai.chat_logprobs(tokens, self.text_of) if self.plan.chat else openai.legacy_logprobs(tokens,
+                                                                                                      self.text_of)
+        tokens.clear()
+        return {"logprobs": lp}
+
+    def text(self, text: str, tokens: list[Token]) -> dict:
+        return {"index": 0, "text": text, "finish_reason": None, **self._logprobs(tokens)}
+
+    def parts(self, parts, pending: list[Token], final: bool = False) -> list[dict]:
+        out = []
+        for p in parts:
+            if not self.plan.chat:
+                out.append(self.text(p.text, pending))
+            elif isinstance(p, tool_calls.ToolCall):
+                self.calls += 1
+                out.append({"index": 0, "delta": {"role": "assistant", "content": None,
+                                                  "tool_calls": [p.openai(streaming=True)]},
+                            "finish_reason": None, **self._logprobs(pending)})
+            else:
+                key = "reasoning_content" if p.kind == "reasoning" else "content"
+                out.append({"index": 0, "delta": {"role": "assistant", key: p.text}, "finish_reason": None,
+                            **self._logprobs(pending)})
+        return out
+
+    def end(self, reason: str, pending: list[Token]) -> dict:
+        last = {"index": 0, "finish_reason": reason}
+        last["text" if not self.plan.chat else "delta"] = "" if not self.plan.chat else {}
+        if pending:
+            last.update(self._logprobs(pending))
+        return last
+
+
+async def until_disconnected(request: Request) -> None:
+    """Returns when the client has gone (the ASGI receive channel says http.disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def ticking(gen, interval: float, first: asyncio.Future | None = None):
+    """`gen`'s events, and None each time `interval` passes without one (for keep-alive comments). Closing
+    this closes `gen` (which aborts its request)."""
+    nxt = first
+    try:
+        while True:
+            if nxt is None:
+                nxt = asyncio.ensure_future(gen.__anext__())
+            done, _ = await asyncio.wait({nxt}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            try:
+                ev = nxt.result()
+            except StopAsyncIteration:
+                return
+            nxt = None
             yield ev
+    finally:
+        if nxt is not None and not nxt.done():
+            nxt.cancel()
+            await asyncio.gather(nxt, return_exceptions=True)
+        await gen.aclose()
 
 
 def prometheus(s: DaemonStatus) -> str:
@@ -272,33 +415,66 @@ def prometheus(s: DaemonStatus) -> str:
     return "\n".join(out) + "\n"
 
 
-def make_app(api: Api) -> Starlette:
+def make_app(api: Api, cors_origins=()) -> Starlette:
+    """The app: OpenAI's routes, Anthropic's (daemon/service/anthropic.py), /health and /metrics; every
+    error in OpenAI's JSON shape (unknown routes and methods, and crashes, too); CORS headers and
+    preflight answers for exactly `cors_origins` (`--cors-origin`)."""
     def wrap(fn):
         async def handler(request: Request) -> Response:
             try:
                 return await fn(request)
             except ApiError as e:
                 return error_response(e)
+            except (RequestRejected, DaemonDied) as e:
+                return error_response(native_error(e))
         return handler
 
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = {404: f"no route {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
+        resp = error_response(ApiError(exc.status_code, message, code=code))
+        if exc.headers:
+            resp.headers.update(exc.headers)
+        return resp
+
+    async def crash(request: Request, exc: Exception) -> Response:
+        return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error",
+                                       "internal_error"))
+
+    middleware = []
+    if cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
+                                     allow_headers=["*"], expose_headers=["*"]))
     return Starlette(routes=[
         Route("/health", wrap(api.health)),
         Route("/metrics", wrap(api.metrics)),
         Route("/v1/models", wrap(api.models)),
+        Route("/v1/models/{name:path}", wrap(api.model_card)),
         Route("/v1/completions", wrap(api.completions), methods=["POST"]),
         Route("/v1/chat/completions", wrap(api.chat), methods=["POST"]),
-    ])
+        *anthropic.routes(api),  # /v1/messages, /v1/messages/count_tokens (daemon/service/anthropic.py)
+    ], middleware=middleware, exception_handlers={HTTPException: http_error, Exception: crash})
 
 
 class HttpServer:
-    """uvicorn serving the API from a thread of the daemon."""
+    """uvicorn serving the API from a thread of the daemon.
 
-    def __init__(self, hostport: str, api_key: str | None, runtime_dir):
+    Args:
+        hostport: "HOST:PORT"; a non-loopback host needs `api_key`.
+        api_key: bearer token required on the API (None: open).
+        runtime_dir: the daemon's runtime folder.
+        aliases: more names the model answers to (`--alias`).
+        cors_origins: browser origins allowed to call the API (`--cors-origin`).
+    """
+
+    def __init__(self, hostport: str, api_key: str | None, runtime_dir, aliases=(), cors_origins=()):
         host, port = parse_hostport(hostport)
         if not is_loopback(host) and not api_key:
             raise ValueError(f"binding HTTP to {host} (not loopback) requires --api-key")
-        self.api = Api(runtime_dir, api_key)
-        config = uvicorn.Config(make_app(self.api), host=host, port=port, log_level="warning", lifespan="off")
+        self.api = Api(runtime_dir, api_key, aliases)
+        config = uvicorn.Config(make_app(self.api, cors_origins), host=host, port=port, log_level="warning",
+                                lifespan="off")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="moed-http", daemon=True)
 

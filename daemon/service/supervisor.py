@@ -44,6 +44,8 @@ class DaemonConfig:
     http: str | None = None  # "HOST:PORT"
     api_key: str | None = None
     runtime_dir: str | None = None
+    aliases: list[str] = field(default_factory=list)  # more names the HTTP API's model answers to
+    cors_origins: list[str] = field(default_factory=list)  # browser origins the HTTP API answers (CORS)
 
 
 class DaemonAlreadyRunning(RuntimeError):
@@ -109,7 +111,8 @@ class Supervisor:
             if self.cfg.http:  # up while loading: /health answers 503 until ready
                 from moed.daemon.service.http import HttpServer
 
-                self.http = HttpServer(self.cfg.http, self.cfg.api_key, self.files.dir).start()
+                self.http = HttpServer(self.cfg.http, self.cfg.api_key, self.files.dir, self.cfg.aliases,
+                                       self.cfg.cors_origins).start()
             self._load()
             print(f"[moed] ready: {self.cfg.model} on {self.files.endpoint}"
                   + (f" and http://{self.cfg.http}" if self.http else ""), flush=True)

@@ -74,6 +74,10 @@ def measure(spec: dict) -> dict:
     else:
         pm = load_paged(spec["model"], paging)
         model, tokenizer = pm.model, pm.tokenizer
+        if spec.get("routing"):  # the trace's experts, not the model's: the tokens are not the model's
+            from moed.daemon.engine.routing import force_routing, load_routing
+
+            force_routing(pm, load_routing(spec["routing"]))
     load_s = time.perf_counter() - t0
     try:
         res = run(model, tokenizer, bench_prompt(tokenizer, spec["prompt_tokens"]), params)
@@ -95,7 +99,8 @@ def measure(spec: dict) -> dict:
                 "slots_per_layer": pm.info["slots_per_layer"][0], "non_expert_bytes": pm.non_expert_bytes,
                 "expert_bytes": pm.expert_bytes, "packed": pm.info["packed"], "direct": pm.fetcher.direct,
                 "lookahead": pm.info["lookahead"], "prefetched": st.prefetched,
-                "prefetch_used": st.prefetch_used,
+                "prefetch_used": st.prefetch_used, "routing": spec.get("routing"), "eviction": paging.eviction,
+                "tokens_are_the_models": not spec.get("routing"),
             })
         else:
             out.update({"hit_rate": 1.0, "bytes_read": 0, "bytes_read_per_token": 0.0, "read_gbps": 0.0})
@@ -475,7 +480,8 @@ def repeat_summary(runs: list) -> list[dict]:
     for r in runs:
         if r["engine"] == "moed" and "decode_ratio_vs_mlx_lm" in r:
             key = (f"cache {r['cache_fraction']} {r['sampling']} " + ("packed" if r.get("packed") else "stacked")
-                   + (" direct" if r.get("direct") else "") + (" lookahead" if r.get("lookahead") else ""))
+                   + (" direct" if r.get("direct") else "") + (" lookahead" if r.get("lookahead") else "")
+                   + (f" {r['eviction']}" if r.get("eviction", "lru") != "lru" else ""))
             groups.setdefault(key, []).append(r)
     return [{"engine": "summary", "config": k, "rounds": len(rs), "cache_fraction": rs[0]["cache_fraction"],
              "sampling": rs[0]["sampling"], "decode_tps": median(r["decode_tps"] for r in rs),
@@ -513,6 +519,10 @@ def main(a) -> int:
     samplings = [s for s in a.sampling.split(",") if s]
     base = {"model": model, "max_tokens": a.max_tokens, "prompt_tokens": a.prompt_tokens, "seed": 0,
             "paging": PagingConfig.from_args(a).as_dict()}  # --workers, --dtype; each run sets the rest
+    if getattr(a, "routing", None):
+        base["routing"] = str(Path(a.routing).resolve())
+        console.print(f"[bold yellow]--routing {a.routing}[/]: moed's experts come from the trace, so its tokens "
+                      "are not the model's (mlx-lm keeps the model's routing)")
     if a.concurrency:
         return main_concurrency(a, console, model, base)
     if a.ranks:
@@ -523,9 +533,11 @@ def main(a) -> int:
     layouts = [x for x in a.layouts.split(",") if x]
     ios = [x for x in a.io.split(",") if x]
     aheads = [{"on": True, "off": False}.get(x) for x in a.lookahead.split(",") if x]
+    evictions = [x for x in getattr(a, "evictions", "lru").split(",") if x]
     specs += [with_paging({**base, "engine": "moed", "sampling": s}, cache_fraction=f, packed=lay == "packed",
-                          direct=io == "direct", lookahead=ahead)
-              for s in samplings for lay in layouts for io in ios for ahead in aheads for f in fractions]
+                          direct=io == "direct", lookahead=ahead, eviction=ev)
+              for s in samplings for lay in layouts for io in ios for ahead in aheads for ev in evictions
+              for f in fractions]
     runs = []
     for rnd in range(a.repeat):  # whole rounds, so a drift of the machine hits every configuration alike
         for spec in specs:
@@ -559,24 +571,27 @@ def main(a) -> int:
         if ref is not None:
             r["decode_ratio_vs_mlx_lm"] = r["decode_tps"] / ref["decode_tps"]
             r["prefill_ratio_vs_mlx_lm"] = r["prefill_tps"] / ref["prefill_tps"]
-            r["same_tokens_as_mlx_lm"] = r["tokens"] == ref["tokens"]
+            r["same_tokens_as_mlx_lm"] = r["tokens"] == ref["tokens"] if not r.get("routing") else None
     summary = repeat_summary(runs) if a.repeat > 1 else []
     write_provenance(a, model, base, runs + [plan] + extra + ([io] if io else []) + summary,
                      {"cache_fractions": fractions, "layouts": layouts, "io": ios, "lookahead": aheads,
-                      "repeat": a.repeat})
+                      "evictions": evictions, "repeat": a.repeat})
     t = Table(title=f"moed bench: {Path(model).name}")
     for c in ("engine", "layout", "cache", "sampling", "decode tok/s", "x mlx-lm", "forecast", "prefill tok/s",
               "ttft s", "hit rate", "MB read/tok", "read GB/s", "peak RSS MB"):
         t.add_column(c, justify="right")
     for r in runs:
         layout = "-" if "packed" not in r else ("packed" if r["packed"] else "stacked") + (
-            ", direct" if r.get("direct") else "") + (", lookahead" if r.get("lookahead") else "")
+            ", direct" if r.get("direct") else "") + (", lookahead" if r.get("lookahead") else "") + (
+            f", {r['eviction']}" if r.get("eviction", "lru") != "lru" else "")
         t.add_row(r["engine"], layout, str(r["cache_fraction"] or "-"), r["sampling"], f"{r['decode_tps']:.2f}",
                   f"{r['decode_ratio_vs_mlx_lm']:.2f}" if "decode_ratio_vs_mlx_lm" in r else "-",
                   f"{r['forecast_decode_tps']:.2f}", f"{r['prefill_tps']:.1f}", f"{r['ttft_s']:.2f}",
                   f"{r['hit_rate']:.1%}", f"{r['bytes_read_per_token'] / 1e6:.2f}", f"{r['read_gbps']:.2f}",
                   f"{r['peak_rss_bytes'] / 1e6:.0f}")
     Console(width=170).print(t)
+    if base.get("routing"):
+        console.print(f"routing forced from {a.routing}: moed's tokens are not the model's")
     for sm in summary:
         console.print(f"median of {sm['rounds']} rounds: {sm['config']}: {sm['decode_tps']:.2f} tok/s, "
                       f"x mlx-lm {sm['decode_ratio_vs_mlx_lm']:.3f} (rounds: "

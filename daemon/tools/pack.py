@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -60,10 +61,13 @@ def pack(model: str | Path, progress: Callable[[str, float], None] | None = None
             block = max(1, BLOCK_BYTES // stride)
             name = f"layer-{i:03d}.bin"
             fd = os.open(out_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            crcs: list[int] = []
             try:
                 for e0 in range(0, layer.num_experts, block):
                     e1 = min(layer.num_experts, e0 + block)
-                    os.pwrite(fd, _records(layer, fds, e0, e1, stride).tobytes(), e0 * stride)
+                    records = _records(layer, fds, e0, e1, stride)
+                    crcs += [zlib.crc32(r[:record]) for r in records]
+                    os.pwrite(fd, records.tobytes(), e0 * stride)
                     done += (e1 - e0) * record
                     report(f"packing layer {i + 1}/{len(layers)}", 0.9 * done / total)
                 os.fsync(fd)
@@ -74,7 +78,7 @@ def pack(model: str | Path, progress: Callable[[str, float], None] | None = None
                 tensors.append({"name": t.info.name, "offset": at, "nbytes": t.expert_nbytes})
                 at += t.expert_nbytes
             index["layers"].append({"path": layer.path, "file": name, "stride": stride,
-                                    "num_experts": layer.num_experts, "tensors": tensors})
+                                    "num_experts": layer.num_experts, "tensors": tensors, "crc32": crcs})
         report("verifying", 0.9)
         bad = verify(layers, fds, out_dir, index)
         if bad:
@@ -88,6 +92,30 @@ def pack(model: str | Path, progress: Callable[[str, float], None] | None = None
     report("done", 1.0)
     return {"dir": str(out_dir), "layers": len(layers), "expert_bytes": total,
             "packed_bytes": sum(entry["stride"] * entry["num_experts"] for entry in index["layers"])}
+
+
+def check(model: str | Path) -> list[str]:
+    """Re-read a pack's records and compare each with its checksum in index.json; returns the bad ones."""
+    from moed.daemon.engine.checkpoint import resolve_model
+    from moed.daemon.engine.index import pack_member
+
+    pack_dir = resolve_model(model) / PACK_DIR
+    index = json.loads((pack_dir / PACK_INDEX).read_text())
+    bad = []
+    for entry in index["layers"]:
+        stride, crcs = entry["stride"], entry.get("crc32") or []
+        record = sum(t["nbytes"] for t in entry["tensors"])
+        if len(crcs) != entry["num_experts"]:
+            bad.append(f"{entry['file']}: no checksums (packed by an older moed)")
+            continue
+        fd = os.open(pack_member(pack_dir, entry["file"]), os.O_RDONLY)
+        try:
+            for e, want in enumerate(crcs):
+                if zlib.crc32(os.pread(fd, record, e * stride)) != want:
+                    bad.append(f"{entry['file']} expert {e}")
+        finally:
+            os.close(fd)
+    return bad
 
 
 def verify(layers: list[ExpertLayer], fds: list[int], out_dir: Path, index: dict) -> list[str]:

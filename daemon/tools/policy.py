@@ -19,6 +19,11 @@ Policies (all share the `Policy` interface; keys are any hashables, `(layer, exp
 - `LRU`: least recently used, the engine's baseline (`cache.LayerSlots`).
 - `LFU`: least frequently used (in-cache counts), ties broken by recency.
 - `LFUDA`: LFU with dynamic aging: priority = count + L, L = the priority of the last eviction.
+- `FreqLRU` (``fwlru``): frequency-weighted LRU, score = uses x 10 + last use (Flash-MoE's CUDA port).
+- `DecayedLFU` (``dlfu``): use counts decayed 0.95 per token (the engine's heat map), lowest evicted.
+- `HotLRU` (``hotlru``): half the slots pinned to the trace's most-used keys (offline), the rest LRU.
+- `LeastStale` (``leaststale``): SpecMD's idea: evict keys of the layer that comes back last in the
+  layer cycle (LRU within a layer); the same as LRU in per-layer pools.
 - `Belady`: the optimal offline policy: evicts the resident key whose next use is farthest.
 
 Layouts:
@@ -47,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 TRACE_KIND = "moed-trace"
-POLICIES = ("lru", "lfu", "lfuda", "belady")
+POLICIES = ("lru", "lfu", "lfuda", "fwlru", "dlfu", "hotlru", "leaststale", "belady")
 LAYOUTS = ("per_layer", "global")
 NEVER = 1 << 62  # "next use" of a key that is never used again
 
@@ -418,7 +423,150 @@ class Belady(Policy):
         return len(self._next)
 
 
-POLICY_CLASSES = {"lru": LRU, "lfu": LFU, "lfuda": LFUDA, "belady": Belady}
+class _Scored(Policy):
+    """Evicts the resident key of lowest `score` (a linear scan: pools are small); the visit's keys
+    are pinned. `tick` is this pool's own clock (one per visit: tokens for a per-layer pool)."""
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self._res: dict = {}  # key -> last use (tick)
+        self.tick = 0
+
+    def score(self, key, last: int) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def touch(self, key) -> None:
+        """Called for every key of every visit, hit or miss (counts and the like)."""
+
+    def visit(self, keys, t):
+        if len(keys) > self.capacity:
+            self._check(keys)
+        self.tick += 1
+        res = self._res
+        hits = sum(1 for k in keys if k in res)
+        over = len(res) + (len(keys) - hits) - self.capacity
+        if over > 0:
+            pinned = set(keys)
+            cands = sorted(((self.score(k, last), last, k) for k, last in res.items() if k not in pinned),
+                           key=lambda c: (c[0], c[1]))
+            for _, _, k in cands[:over]:
+                del res[k]
+                self.evictions += 1
+        for k in keys:
+            self.touch(k)
+            res[k] = self.tick
+        return hits
+
+    def resident(self):
+        return set(self._res)
+
+    def __contains__(self, key):
+        return key in self._res
+
+    def __len__(self):
+        return len(self._res)
+
+
+class FreqLRU(_Scored):
+    """Frequency-weighted LRU (Flash-MoE's CUDA port): score = uses x 10 + last use, lowest evicted.
+
+    Uses are counted over the whole run (they survive eviction); last use is the pool's clock.
+    """
+
+    name = "fwlru"
+    WEIGHT = 10
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self.count: dict = {}
+
+    def touch(self, key):
+        self.count[key] = self.count.get(key, 0) + 1
+
+    def score(self, key, last):
+        return self.count.get(key, 0) * self.WEIGHT + last
+
+
+class DecayedLFU(_Scored):
+    """Decayed LFU: each key's use count decays by `DECAY` per tick of the pool (the engine's Heat:
+    half-life ~14 tokens); the lowest is evicted, ties by recency."""
+
+    name = "dlfu"
+    DECAY = 0.95
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self.heat: dict = {}  # key -> (value, tick it was last updated)
+
+    def _value(self, key) -> float:
+        v, at = self.heat.get(key, (0.0, self.tick))
+        return v * self.DECAY ** (self.tick - at)
+
+    def touch(self, key):
+        self.heat[key] = (self._value(key) + 1.0, self.tick)
+
+    def score(self, key, last):
+        return self._value(key)
+
+
+class HotLRU(Policy):
+    """A pinned hot set + LRU: the `SHARE` of the slots holding the most-used keys of the whole trace
+    (an offline choice, like slotstream's "best fixed hot set"), the rest an LRU; hot keys always hit
+    after their first load."""
+
+    name = "hotlru"
+    SHARE = 0.5
+
+    def __init__(self, capacity: int, counts: dict, largest: int):
+        super().__init__(capacity)
+        n_hot = max(0, min(int(capacity * self.SHARE), capacity - largest))  # the LRU part holds any visit
+        self.hot = set(sorted(counts, key=lambda k: -counts[k])[:n_hot])
+        self.loaded: set = set()
+        self.lru = LRU(capacity - n_hot)
+
+    def visit(self, keys, t):
+        hits = 0
+        cold = []
+        for k in keys:
+            if k in self.hot:
+                hits += k in self.loaded
+                self.loaded.add(k)
+            else:
+                cold.append(k)
+        if cold:
+            hits += self.lru.visit(cold, t)
+        self.evictions = self.lru.evictions
+        return hits
+
+    def resident(self):
+        return self.loaded | self.lru.resident()
+
+
+class LeastStale(_Scored):
+    """SpecMD's Least-Stale, as read here: layers run in order, so a key of the layer just computed
+    is the stalest (its next use is a whole forward pass away) and a key of the next layers is fresh.
+    Evicts the key whose layer comes back last in the layer cycle, ties by recency (LRU). In a
+    per-layer pool every key shares the layer: it is LRU there; it differs in a global pool."""
+
+    name = "leaststale"
+
+    def __init__(self, capacity: int, layer_of, n_layers: int):
+        super().__init__(capacity)
+        self.layer_of, self.n_layers = layer_of, n_layers
+        self.current = 0
+
+    def visit(self, keys, t):
+        self.current = self.layer_of(keys[0]) if keys else self.current
+        return super().visit(keys, t)
+
+    def score(self, key, last):
+        # layers after the current one come back soonest: evict the one that returns last
+        until = (self.layer_of(key) - self.current - 1) % self.n_layers
+        return -until * 1e9 + last
+
+
+POLICY_CLASSES = {"lru": LRU, "lfu": LFU, "lfuda": LFUDA, "fwlru": FreqLRU, "dlfu": DecayedLFU,
+                  "hotlru": HotLRU, "leaststale": LeastStale, "belady": Belady}
 
 
 # ---------------------------------------------------------------- simulation
@@ -443,6 +591,22 @@ class _Prepared:
         for layer, keys in zip(self.layers, self.visits):
             self.largest[layer] = max(self.largest[layer], len(keys))
         self._future: Future | None = None
+        self.offsets = offsets
+        self._counts: dict | None = None
+
+    @property
+    def counts(self) -> dict:
+        """Uses of every key over the whole trace (the offline hot set's choice)."""
+        if self._counts is None:
+            c: dict = {}
+            for keys in self.visits:
+                for k in keys:
+                    c[k] = c.get(k, 0) + 1
+            self._counts = c
+        return self._counts
+
+    def layer_of(self, key: int) -> int:
+        return int(np.searchsorted(self.offsets, key, side="right") - 1)
 
     @property
     def future(self) -> Future:
@@ -458,9 +622,15 @@ class _Prepared:
                 for n, big in zip(self.num_experts, self.largest)]
 
 
-def _make(policy: str, capacity: int, prep: _Prepared) -> Policy:
+def _make(policy: str, capacity: int, prep: _Prepared, layer: int | None = None) -> Policy:
+    """A pool of `capacity` for `layer`'s keys (None: every layer's, the global layout)."""
     if policy == "belady":
         return Belady(capacity, prep.future)
+    if policy == "hotlru":
+        counts = prep.counts if layer is None else {k: c for k, c in prep.counts.items() if prep.layer_of(k) == layer}
+        return HotLRU(capacity, counts, max(prep.largest) if layer is None else prep.largest[layer])
+    if policy == "leaststale":
+        return LeastStale(capacity, prep.layer_of, prep.n_layers)
     return POLICY_CLASSES[policy](capacity)
 
 
@@ -472,7 +642,7 @@ def _run(prep: _Prepared, policy: str, layout: str, fraction: float) -> dict:
         raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     slots = prep.slots(fraction)
     if layout == "per_layer":
-        pools = [_make(policy, s, prep) for s in slots]
+        pools = [_make(policy, s, prep, layer) for layer, s in enumerate(slots)]
     else:
         pools = [_make(policy, sum(slots), prep)] * prep.n_layers
     L = prep.n_layers

@@ -3,27 +3,73 @@
 The tokenizer is trained locally (no downloads) with the ``tokenizers`` library
 on the short English corpus below and written in the Hugging Face layout that
 ``mlx_lm.load`` / ``transformers.AutoTokenizer`` expect: ``tokenizer.json``,
-``tokenizer_config.json`` (ChatML chat template), ``special_tokens_map.json``
+``tokenizer_config.json`` (chat template), ``special_tokens_map.json``
 and ``generation_config.json``.
+
+The chat template is Qwen3's format (ChatML, tools in a ``<tools>`` block, calls as
+``<tool_call>`` JSON, results as ``<tool_response>``, ``<think>`` reasoning with ``enable_thinking``),
+and the marker tokens are added tokens (not special), as in Qwen's own tokenizers, so mlx-lm's
+TokenizerWrapper finds the same things it finds for the real family: ``has_thinking`` (``<think>``
+in the vocabulary), ``has_tool_calling`` and ``tool_parser`` (``json_tools``, inferred from the
+template), and llguidance sees the markers as text.
 """
 
 import json
 from pathlib import Path
 from typing import Union
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
-# ChatML, as used by the Qwen family.
+# Added (not special) tokens, as in Qwen3's tokenizer: reasoning and tool-call markers.
+MARKER_TOKENS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+
+# Qwen3's chat template (ChatML with its tool and reasoning parts), condensed. Without tools or
+# reasoning it renders exactly '<|im_start|>ROLE\nCONTENT<|im_end|>\n' per message.
 CHAT_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, "
+    "\"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
     "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- if message.role == 'system' and loop.first %}"
+    "{%- elif message.role in ['user', 'system'] %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + (message.content or '') + '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if message.reasoning_content %}"
+    "{{- '<think>\\n' + message.reasoning_content + '\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{{- message.content or '' }}"
+    "{%- for tool_call in message.tool_calls or [] %}"
+    "{%- if tool_call.function %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{%- if not loop.first or message.content %}{{- '\\n' }}{%- endif %}"
+    "{{- '<tool_call>\\n{\"name\": \"' }}{{- tool_call.name }}{{- '\", \"arguments\": ' }}"
+    "{%- if tool_call.arguments is string %}{{- tool_call.arguments }}"
+    "{%- else %}{{- tool_call.arguments | tojson }}{%- endif %}"
+    "{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + (message.content or '') + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}"
     "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
     "{%- endif %}"
 )
 
@@ -104,12 +150,17 @@ of them for each token, so that only a small part of the model runs at a time.
 """
 
 
+def add_marker_tokens(tokenizer: Tokenizer) -> None:
+    """Append the reasoning and tool-call markers as added, non-special tokens (after the learned ones)."""
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in MARKER_TOKENS])
+
+
 def train_tokenizer(vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE tokenizer on the embedded corpus.
+    """Train a byte-level BPE tokenizer on the embedded corpus, with the marker tokens added last.
 
     Training is deterministic: the same ``vocab_size`` gives the same
     tokenizer. The corpus is small, so the learned vocabulary may stop short of
-    ``vocab_size``; it never exceeds it.
+    ``vocab_size``; it never exceeds it (markers included).
 
     Args:
         vocab_size (int): Upper bound on the vocabulary size, special tokens
@@ -123,7 +174,7 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - len(MARKER_TOKENS),
         min_frequency=1,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -131,6 +182,7 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
     )
     lines = [line for line in CORPUS.splitlines() if line.strip()]
     tokenizer.train_from_iterator(lines, trainer=trainer)
+    add_marker_tokens(tokenizer)
     assert tokenizer.get_vocab_size() <= vocab_size
     return tokenizer
 
@@ -168,6 +220,11 @@ def save_tokenizer(out_dir: Union[str, Path], vocab_size: int) -> dict:
         }
         for t in SPECIAL_TOKENS
     }
+    for t in MARKER_TOKENS:
+        added_tokens_decoder[str(tokenizer.token_to_id(t))] = {
+            "content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "special": False,
+        }
     _write_json(
         out_dir / "tokenizer_config.json",
         {

@@ -55,7 +55,7 @@ def test_two_rank_daemon_serves_and_stops_clean(tiny_model, tmp_path):
     runtime = tmp_path / "rt"
     env = env_for(runtime)
     want = reference_tokens(model)
-    moed(env, "start", "--model", str(model), "--cache-fraction", "0.5", "--ranks", "2", timeout=240)
+    moed(env, "start", "--model", str(model), "--cache-fraction", "0.5", "--ranks", "2", "--lookahead", timeout=240)
     try:
         from moed.client.client import Client
 

@@ -1,8 +1,8 @@
 """Every mlx-lm architecture that routes through SwitchGLU/SwitchMLP pages exactly, or is refused.
 
 Each tiny checkpoint (daemon/zoo.py: our configs, mlx-lm's classes, 4-bit) decodes greedily with
-mlx-lm resident, then with moed at 25% cache with the default options (lookahead where it applies),
-with --no-lookahead and with every expert cached: same tokens, last step's logits to 1e-5.
+mlx-lm resident, then with moed at 25% cache with --lookahead (where it applies), with the default
+options (no lookahead) and with every expert cached: same tokens, last step's logits to 1e-5.
 The whole list takes ~45 s here, so `make test` (and CI) runs all of it; the longer variant
 (three prompts x 48 tokens, greedy and seeded sampling, at the minimum cache of top-k slots) carries
 the `slow` marker (`make test-all`).
@@ -35,14 +35,16 @@ def test_architecture_pages_exactly(arch, tmp_path):
     assert find_switches(model), f"{arch}: no SwitchGLU/SwitchMLP in the tiny model"
     ref = run(model, tok, PROMPT, PARAMS)
     del model
-    runs = [("default", 0.25, {}), ("no-lookahead", 0.25, {"lookahead": False}), ("all cached", 1.0, {})]
+    runs = [("lookahead", 0.25, {"lookahead": True}), ("default", 0.25, {}), ("all cached", 1.0, {})]
     for mode, fraction, options in runs:
         with load_paged(path, cache_fraction=fraction, workers=1, **options) as pm:
             r = run(pm.model, pm.tokenizer, PROMPT, PARAMS)
             st = pm.store.stats
             assert r.tokens == ref.tokens, f"{arch} {mode}"
             np.testing.assert_allclose(np.array(r.logprobs), np.array(ref.logprobs), atol=1e-5, rtol=0)
-            if mode == "default":
+            if mode == "default":  # lookahead is opt-in
+                assert st.misses > 0 and not pm.info["lookahead"], f"{arch}: a 25% cache paged nothing"
+            if mode == "lookahead":
                 assert st.misses > 0, f"{arch}: a 25% cache paged nothing"
                 assert pm.info["lookahead"] == (arch not in LOOKAHEAD_OFF), f"{arch} lookahead"
                 if pm.info["lookahead"]:

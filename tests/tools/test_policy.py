@@ -310,7 +310,7 @@ def test_main_prints_table_and_writes_rows(tmp_path, capsys):
     out = tmp_path / "rows.json"
     assert main([str(path), "--fractions", "0.25,0.5", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert len(rows) == 2 * 2 * 4
+    assert len(rows) == 2 * 2 * len(POLICIES)
     assert {r["policy"] for r in rows} == set(POLICIES)
     text = capsys.readouterr().out
     assert "belady" in text and "lfuda" in text and "per_layer" in text

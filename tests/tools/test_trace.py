@@ -21,7 +21,7 @@ def test_trace_records_every_decode_visit_and_replays(tiny_models):
     assert [layer for layer, _ in trace["steps"][:n_layers]] == list(range(n_layers))
     assert all(len(experts) == trace["top_k"] for _, experts in trace["steps"])
     # the same generation through the engine misses exactly what the LRU replay misses
-    with load_paged(path, cache_fraction=0.5, warm=False, lookahead=False) as pm:  # plain LRU
+    with load_paged(path, cache_fraction=0.5, warm=False, lookahead=False, eviction="lru") as pm:  # plain LRU
         run(pm.model, pm.tokenizer, prompt, params)
         live = pm.store.stats
     sim = simulate(trace, "lru", "per_layer", 0.5)
