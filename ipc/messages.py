@@ -167,6 +167,7 @@ class Finished:
     ttft_s: float
     decode_tps: float
     cached_tokens: int = 0  # prompt tokens taken from the prompt cache, not prefilled
+    stop_sequence: str | None = None  # the stop string that ended it (reason "stop"), else None
 
 
 @message(0x25)

@@ -59,6 +59,7 @@ class Request:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of `text` already emitted
+    stop_sequence: str | None = None  # the stop string that ended it
     t_arrival: float = field(default_factory=time.perf_counter)
     t_first: float = 0.0
 
@@ -270,7 +271,7 @@ class EngineCore:
         req.text += req.detok.last_segment
         hit = self._stop_hit(req)
         if hit is not None:
-            req.text = req.text[:hit]
+            req.text, req.stop_sequence = req.text[:hit[0]], hit[1]
             finish = "stop"
             self._remove(req)
         # hold back a tail that may be the start of a stop string; flush it at the end
@@ -300,9 +301,10 @@ class EngineCore:
         return max((n for s in req.stop for n in range(min(len(s) - 1, len(req.text)), 0, -1)
                     if req.text.endswith(s[:n])), default=0)
 
-    def _stop_hit(self, req: Request) -> int | None:
-        hits = [i for s in req.stop if s and (i := req.text.find(s, max(0, req.sent - len(s)))) >= 0]
-        return min(hits) if hits else None
+    def _stop_hit(self, req: Request) -> tuple[int, str] | None:
+        """Where the earliest stop string starts in the unsent text, and which one."""
+        hits = [(i, s) for s in req.stop if s and (i := req.text.find(s, max(0, req.sent - len(s)))) >= 0]
+        return min(hits, key=lambda h: h[0]) if hits else None
 
     def _finish(self, req: Request, reason: str) -> Finished:
         del self.requests[req.req_id]
@@ -313,7 +315,8 @@ class EngineCore:
         decode_s = time.perf_counter() - req.t_first if req.t_first else 0.0
         return Finished(req.req_id, reason, len(req.prompt_ids), n,
                         ttft_s=(req.t_first - req.t_arrival) if req.t_first else 0.0,
-                        decode_tps=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0, cached_tokens=req.cached)
+                        decode_tps=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0, cached_tokens=req.cached,
+                        stop_sequence=req.stop_sequence)
 
     def _fail_all(self, exc: Exception) -> list:
         """A step failed: fail the requests in it, start a fresh generator, keep serving."""

@@ -46,31 +46,42 @@ class _ZeroExperts(nn.Module):
         return mx.zeros((*indices.shape, x.shape[-1]), dtype=x.dtype)
 
 
+def _subclass(module: nn.Module, registry: dict[type, type], make_call: Callable[[type], Callable],
+              hook: str, fn: Callable) -> None:
+    """Swap `module`'s class for a subclass (made once per class, kept in `registry`) whose `__call__`
+    is `make_call(base)` and reaches `fn` as `self.<hook>`: the parameter tree is unchanged."""
+    cls = type(module)
+    if cls not in registry:
+        registry[cls] = type(cls.__name__, (cls,), {"__call__": make_call(cls), "__module__": cls.__module__,
+                                                    "_moed_base" + hook: cls})
+    object.__setattr__(module, hook, fn)
+    module.__class__ = registry[cls]
+
+
+def _unsubclass(module: nn.Module, hook: str) -> None:
+    base = getattr(type(module), "_moed_base" + hook, None)
+    if base is not None:
+        module.__class__ = base
+        del module.__dict__[hook]
+
+
+def _recording(base: type) -> Callable:
+    def __call__(self, *args, **kwargs):
+        self._moed_record(args, kwargs)
+        return base.__call__(self, *args, **kwargs)
+    return __call__
+
+
 _TAPPED: dict[type, type] = {}
 
 
 def tap(block: nn.Module, record: Callable[[tuple, dict], None]) -> None:
-    """Have `record(args, kwargs)` see every call of `block` (its class is swapped for a subclass
-    whose `__call__` records, then calls the original: the parameter tree is unchanged)."""
-    cls = type(block)
-    if cls not in _TAPPED:
-        base = cls
-
-        def __call__(self, *args, **kwargs):
-            self._moed_record(args, kwargs)
-            return base.__call__(self, *args, **kwargs)
-
-        _TAPPED[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
-                                                   "_moed_base": cls})
-    object.__setattr__(block, "_moed_record", record)
-    block.__class__ = _TAPPED[cls]
+    """Have `record(args, kwargs)` see every call of `block` (then the original call runs)."""
+    _subclass(block, _TAPPED, _recording, "_moed_record", record)
 
 
 def untap(block: nn.Module) -> None:
-    base = getattr(type(block), "_moed_base", None)
-    if base is not None:
-        block.__class__ = base
-        del block.__dict__["_moed_record"]
+    _unsubclass(block, "_moed_record")
 
 
 class BlockRouter:
@@ -318,30 +329,22 @@ class ForcedRouting:
             _unforce(s)
 
 
+def _replacing(base: type) -> Callable:
+    def __call__(self, x, indices, *args, **kwargs):
+        return base.__call__(self, x, self._moed_replace(indices), *args, **kwargs)
+    return __call__
+
+
 _FORCED: dict[type, type] = {}
 
 
 def _force(switch: nn.Module, replace: Callable[[mx.array], mx.array]) -> None:
-    """Swap `switch`'s class for a subclass whose `__call__(x, indices)` passes `replace(indices)` on
-    (the parameter tree is unchanged, as with `tap`)."""
-    cls = type(switch)
-    if cls not in _FORCED:
-        base = cls
-
-        def __call__(self, x, indices, *args, **kwargs):
-            return base.__call__(self, x, self._moed_replace(indices), *args, **kwargs)
-
-        _FORCED[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
-                                                   "_moed_unforced": cls})
-    object.__setattr__(switch, "_moed_replace", replace)
-    switch.__class__ = _FORCED[cls]
+    """Have `switch(x, indices)` compute on `replace(indices)` instead."""
+    _subclass(switch, _FORCED, _replacing, "_moed_replace", replace)
 
 
 def _unforce(switch: nn.Module) -> None:
-    base = getattr(type(switch), "_moed_unforced", None)
-    if base is not None:
-        switch.__class__ = base
-        del switch.__dict__["_moed_replace"]
+    _unsubclass(switch, "_moed_replace")
 
 
 def force_routing(pm, trace: RoutingTrace, log: Callable[[str], None] = lambda s: None) -> ForcedRouting:

@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from moed.client.client import DaemonDied, RequestRejected
 from moed.daemon.service import tools as tool_calls
-from moed.daemon.service.api import ApiError, parse_json_object
+from moed.daemon.service.api import ApiError, parse_json_object, ticking
 from moed.ipc.messages import Finished, Token
 
 MAX_BODY_BYTES = 32 << 20
@@ -273,7 +273,7 @@ class Splitter:
 
 
 def stop_reason(fin: Finished, used_tool: bool, stop: list | None) -> tuple[str, str | None]:
-    seq = getattr(fin, "stop_sequence", None)
+    seq = fin.stop_sequence
     if used_tool:
         return "tool_use", None
     if fin.reason == "length":
@@ -432,7 +432,7 @@ class Messages:
         yield sse("ping", {"type": "ping"})
         stream = BlockStream()
         try:
-            async for ev in with_pings(chain(first, gen)):
+            async for ev in ticking(chain(first, gen), PING_S):
                 if ev is None:
                     yield sse("ping", {"type": "ping"})
                 elif isinstance(ev, Token):
@@ -526,23 +526,3 @@ async def chain(first, gen):
     if not isinstance(first, Finished):
         async for ev in gen:
             yield ev
-
-
-async def with_pings(events):
-    """The events, with None between them whenever PING_S passes without one (a ping keeps proxies open)."""
-    it = events.__aiter__()
-    nxt = asyncio.ensure_future(it.__anext__())
-    try:
-        while True:
-            done, _ = await asyncio.wait({nxt}, timeout=PING_S)
-            if not done:
-                yield None
-                continue
-            try:
-                ev = nxt.result()
-            except StopAsyncIteration:
-                return
-            yield ev
-            nxt = asyncio.ensure_future(it.__anext__())
-    finally:
-        nxt.cancel()

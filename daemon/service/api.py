@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import re
@@ -91,3 +92,28 @@ def _bad_unicode(v, path: str) -> str | None:
             if found is not None:
                 return found
     return None
+
+
+async def ticking(gen, interval: float, first: asyncio.Future | None = None):
+    """`gen`'s events, and None each time `interval` passes without one (for keep-alive comments). Closing
+    this closes `gen` (which aborts its request)."""
+    nxt = first
+    try:
+        while True:
+            if nxt is None:
+                nxt = asyncio.ensure_future(gen.__anext__())
+            done, _ = await asyncio.wait({nxt}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            try:
+                ev = nxt.result()
+            except StopAsyncIteration:
+                return
+            nxt = None
+            yield ev
+    finally:
+        if nxt is not None and not nxt.done():
+            nxt.cancel()
+            await asyncio.gather(nxt, return_exceptions=True)
+        await gen.aclose()

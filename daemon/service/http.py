@@ -30,7 +30,7 @@ from moed.client.client import AsyncClient, DaemonDied, RequestRejected
 from moed.daemon.service import anthropic, openai
 from moed.daemon.service import tools as tool_calls
 from moed.daemon.service.api import (HTTP_STATUS, ApiError, error_response, is_loopback, native_error,  # noqa: F401
-                                     parse_hostport, parse_json_object)
+                                     parse_hostport, parse_json_object, ticking)
 from moed.ipc.messages import DaemonStatus, Token
 
 MAX_BODY_BYTES = 4 << 20
@@ -365,31 +365,6 @@ async def until_disconnected(request: Request) -> None:
     """Returns when the client has gone (the ASGI receive channel says http.disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-async def ticking(gen, interval: float, first: asyncio.Future | None = None):
-    """`gen`'s events, and None each time `interval` passes without one (for keep-alive comments). Closing
-    this closes `gen` (which aborts its request)."""
-    nxt = first
-    try:
-        while True:
-            if nxt is None:
-                nxt = asyncio.ensure_future(gen.__anext__())
-            done, _ = await asyncio.wait({nxt}, timeout=interval)
-            if not done:
-                yield None
-                continue
-            try:
-                ev = nxt.result()
-            except StopAsyncIteration:
-                return
-            nxt = None
-            yield ev
-    finally:
-        if nxt is not None and not nxt.done():
-            nxt.cancel()
-            await asyncio.gather(nxt, return_exceptions=True)
-        await gen.aclose()
 
 
 def prometheus(s: DaemonStatus) -> str:

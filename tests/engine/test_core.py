@@ -73,6 +73,7 @@ def test_stop_string_and_abort(core):
     core.add(Generate("a", prompt=PROMPTS[0], max_tokens=20, stop=[stop]))
     out = drain(core)["a"]
     assert out["end"].reason == "stop" and out["text"] == full[: full.find(stop)]
+    assert out["end"].stop_sequence == stop
     core.add(Generate("b", prompt=PROMPTS[2], max_tokens=50))
     core.add(Generate("c", prompt=PROMPTS[3], max_tokens=10))
     core.step()

@@ -9,7 +9,6 @@ import jsonschema
 import pytest
 from daemon_util import assert_nothing_left, env_for, free_port, moed, status
 
-from moed.ipc.messages import Finished
 
 KEY = "test-key-123"
 WEATHER = {"name": "get_weather", "description": "The weather in a city", "input_schema": {
@@ -70,13 +69,15 @@ def test_system_multi_turn_sampling_fields_and_stop_sequences(client):
                                  stop_sequences=["e"], extra_body={"temperature": 0.7, "top_p": 0.9, "top_k": 20})
     text = "".join(b.text for b in msg.content if b.type == "text")
     assert "e" not in text
-    if hasattr(Finished, "stop_sequence"):  # the engine reports which stop string ended it
-        full = client.messages.create(model="tiny", max_tokens=40, messages=turns, system=system,
-                                          extra_body={"temperature": 0})
-        if "e" in "".join(b.text for b in full.content if b.type == "text"):
-            stopped = client.messages.create(model="tiny", max_tokens=40, messages=turns, system=system,
-                                             stop_sequences=["e"], extra_body={"temperature": 0})
-            assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == "e"
+    full = "".join(b.text for b in client.messages.create(
+        model="tiny", max_tokens=40, messages=turns, system=system, extra_body={"temperature": 0}).content
+        if b.type == "text")
+    stop = full[len(full) // 2:][:2]  # a stop string the greedy answer reaches
+    assert stop.strip(), full
+    stopped = client.messages.create(model="tiny", max_tokens=40, messages=turns, system=system,
+                                     stop_sequences=["never-seen-anywhere", stop], extra_body={"temperature": 0})
+    assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == stop
+    assert "".join(b.text for b in stopped.content if b.type == "text") == full[:full.find(stop)]
 
 
 def test_stream_text_events_equal_the_final_message(client):
