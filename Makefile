@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # A tiny qwen3_moe trained on Python's standard library (daemon/tools/train.py; committed, never rebuilt).
 DEMO_MODEL ?= models/stdlib-qwen3_moe
 
-.PHONY: venv tools demo test test-all bench bench-big bench-routing train-demo clean
+.PHONY: venv tools demo test test-all bench bench-serve bench-big bench-routing train-demo clean
 
 venv: $(STAMP)
 
@@ -64,6 +64,24 @@ bench: venv
 	$(BIN)/moed bench --model $(MED) --out $(R)/med-top-k.json --cold --top-k 8,6,4,2 --cache-fractions 0.25
 	$(BIN)/moed trace --model $(MED) --out $(R)/med-trace-256.json --max-tokens 256
 	$(BIN)/moed policy $(R)/med-trace-256.json --fractions 0.1,0.25,0.5 --out $(R)/med-policy.json
+	$(MAKE) bench-serve
+
+# Serving: moed's HTTP API next to mlx_lm.server on the same model (README "Serving: chats, agents, a
+# second app"); the tiny qwen3_moe, as the small and med presets prefill at 22 and 6 tokens/s on these CPUs.
+SERVE := models/tiny-qwen3_moe
+bench-serve: venv
+	$(BIN)/moed make-model $(SERVE) --arch qwen3_moe --preset tiny --skip-existing
+	$(BIN)/moed pack $(SERVE)
+	$(BIN)/moed bench --workload chat --model $(SERVE) --cache-fractions 0.25 --max-tokens 32 --repeat 3 \
+		--out $(R)/serve-chat.json
+	$(BIN)/moed bench --workload agent --model $(SERVE) --cache-fractions 0.25 --max-tokens 32 --repeat 2 \
+		--out $(R)/serve-agent.json
+	$(BIN)/moed bench --workload contention --model $(SERVE) --cache-fractions 0.25 \
+		--prefill-chunks 16,32,64,128,256,512 --repeat 2 --out $(R)/serve-contention.json
+	$(BIN)/moed make-model models/small-qwen3_moe --arch qwen3_moe --preset small --skip-existing
+	$(BIN)/moed pack models/small-qwen3_moe
+	$(BIN)/moed bench --workload contention --model models/small-qwen3_moe --cache-fractions 0.25 \
+		--prefill-chunks 32,64,256 --prompt-tokens 1000 --out $(R)/serve-contention-small.json
 
 # Routing like a real model's (README "Routing like a real model's"): calibrated traces, the trained
 # model's trace and statistics, the policies on both, lookahead under forced routing, top-k quality.
@@ -88,6 +106,11 @@ bench-routing: venv
 		--evictions lru,fwlru --sampling random --max-tokens 32 --repeat 2 --skip-io --out $(R)/med-forced-eviction.json
 	$(BIN)/python -m moed.daemon.tools.train $(TRAINED) --top-k 8,6,4,2 --provenance $(R)/stdlib-top-k-quality.json > /dev/null
 	$(BIN)/moed bench --model $(TRAINED) --top-k 8,6,4,2 --cache-fractions 0.25 --out $(R)/stdlib-top-k.json
+	$(BIN)/moed bench --workload warm-start --model $(TRAINED) --cache-fractions 0.125,0.25,0.5 --max-tokens 100 \
+		--out $(R)/stdlib-warm-start.json
+	$(BIN)/moed bench --workload warm-start --model $(MED) --routing $(R)/synth-med-trace.json --cache-fractions 0.1,0.25 \
+		--max-tokens 100 --out $(R)/med-forced-warm-start.json
+	$(BIN)/python -m moed.daemon.tools.forecast --out $(R)/forecast-published.json
 
 # Retrain the demo model (~20 min of CPU; writes a new checkpoint, then commit it).
 train-demo: venv

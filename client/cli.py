@@ -10,7 +10,7 @@ import json
 import sys
 
 from moed.client import launch
-from moed.ipc.config import PagingConfig, ServingConfig
+from moed.ipc.config import API_KEY_ENV, PagingConfig, ServingConfig, api_key_of
 
 
 # The verbs that run MLX in this process live in moed.daemon.verbs, imported only when one runs.
@@ -41,9 +41,8 @@ def _daemon_args(a: argparse.Namespace) -> list[str]:
     if not model:
         raise ValueError("give --model DIR (or --demo)")
     out = ["--model", model, *paging.to_argv(), *ServingConfig.from_args(a).to_argv()]
-    for flag, v in (("--http", a.http), ("--api-key", a.api_key)):
-        if v is not None:
-            out += [flag, str(v)]
+    if a.http is not None:
+        out += ["--http", str(a.http)]  # the API key goes in the daemon's environment (cmd_start), not here
     for flag, vs in (("--alias", a.alias), ("--cors-origin", a.cors_origin)):
         for v in vs or []:
             out += [flag, v]
@@ -53,7 +52,9 @@ def _daemon_args(a: argparse.Namespace) -> list[str]:
 def cmd_start(a: argparse.Namespace) -> int:
     from moed.client import control
 
-    return control.start(_daemon_args(a), ranks=a.ranks, hosts=a.hosts)
+    key = api_key_of(a)
+    return control.start(_daemon_args(a), ranks=a.ranks, hosts=a.hosts,
+                         secrets={API_KEY_ENV: key} if key is not None else None)
 
 
 def cmd_stop(a: argparse.Namespace) -> int:
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="no forecast (skip measuring this machine's compute and disk)")
     pl.add_argument("--json", action="store_true")
     PagingConfig.add_args(pl, only=PagingConfig.sizing())  # and refuses the flags it would ignore
+    ServingConfig.add_args(pl, only=["prompt_cache_gb"])
     pl.set_defaults(fn=engine_verb("plan"))
 
     pk = sub.add_parser("pack", help="repack the experts into page-aligned records (one read per expert)")
@@ -200,8 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--top-k", dest="top_ks", help="e.g. 10,8,6,4: speed and quality (KL, top-1 agreement) per K")
     b.add_argument("--routing", metavar="FILE", help="force every moed run's experts from this routing trace "
                    "(the tokens are then not the model's; the mlx-lm baseline keeps its own routing)")
-    b.add_argument("--workload", choices=["decode", "grammar"], default="decode",
-                   help="grammar: the grammar's cost per token at batch 1 and 4 (first cache fraction, --repeat)")
+    b.add_argument("--workload", choices=["decode", "grammar", "warm-start", "chat", "agent", "contention"],
+                   default="decode",
+                   help="grammar: the grammar's cost per token at batch 1 and 4 (first cache fraction, --repeat); "
+                   "warm-start: the cache's hit rate over the first --max-tokens, cold versus warm-started; "
+                   "chat, agent, contention: moed's HTTP API next to mlx_lm.server's (daemon/tools/servebench.py)")
+    b.add_argument("--prefill-chunks", help="--workload contention: comma list of moed --prefill-chunk values "
+                   "(default 64,128,256,512)")
     b.set_defaults(fn=engine_verb("bench"))
 
     for name, fn, hlp in (("start", cmd_start, "start the daemon in the background and wait until it serves"),
@@ -212,7 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
         PagingConfig.add_args(d)
         ServingConfig.add_args(d)
         d.add_argument("--http", metavar="HOST:PORT", help="serve the OpenAI-compatible API, e.g. 127.0.0.1:8000")
-        d.add_argument("--api-key", help="require this bearer token on the HTTP API")
+        d.add_argument("--api-key-file", metavar="PATH",
+                       help="require the bearer token in this file on the HTTP API (or set $MOED_API_KEY)")
+        d.add_argument("--api-key", help="the same, given on the command line (readable by every local user: "
+                       "prefer --api-key-file or $MOED_API_KEY)")
         d.add_argument("--alias", action="append", metavar="NAME",
                        help="another name the HTTP API's model answers to (repeatable)")
         d.add_argument("--cors-origin", action="append", metavar="ORIGIN",
@@ -259,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args) or 0
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
+    except (ValueError, FileNotFoundError, PermissionError) as e:  # CheckpointError is a ValueError
         print(f"moed: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:

@@ -25,8 +25,8 @@ import zmq.asyncio
 
 from moed.ipc.codec import ProtocolError, decode, encode
 from moed.ipc.connection import daemon_files, read_connection
-from moed.ipc.messages import (Abort, DaemonStatus, Error, Finished, Generate, Hello, Ping, Pong, Status,
-                               StatusQuery, StopDaemon, Token, Welcome)
+from moed.ipc.messages import (PROTOCOL_VERSION, Abort, DaemonStatus, Error, Finished, Generate, Hello, Ping, Pong,
+                               Status, StatusQuery, StopDaemon, Token, Welcome)
 from moed.ipc.runtime import process_alive
 
 POLL_S = 0.2  # how often a waiting client checks the daemon is alive
@@ -44,6 +44,10 @@ class DaemonNotRunning(MoedError):
 
 class DaemonDied(MoedError):
     """The daemon went away while this client was waiting on it."""
+
+
+class ProtocolMismatch(MoedError):
+    """The running daemon speaks another version of the protocol (moed was upgraded under it)."""
 
 
 class RequestRejected(MoedError):
@@ -73,6 +77,13 @@ def _request(req_id, prompt, messages, max_tokens, temperature, top_p, seed, sto
 
 def _raise_error(msg: Error):
     raise RequestRejected(msg.code, msg.message)
+
+
+def _check_welcome(reply: Welcome) -> None:
+    """A daemon of another protocol version would send messages this client cannot read: say so now."""
+    if reply.version != PROTOCOL_VERSION:
+        raise ProtocolMismatch(f"the running moed daemon (pid {reply.daemon_pid}) speaks protocol {reply.version}, "
+                               f"this client {PROTOCOL_VERSION}: restart it (moed stop; moed start ...)")
 
 
 def _ends_stream(msg) -> bool:
@@ -124,6 +135,9 @@ class Client:
         if isinstance(reply, Error):
             self.close()
             _raise_error(reply)
+        if reply.version != PROTOCOL_VERSION:
+            self.close()
+            _check_welcome(reply)
         self.model = reply.model
 
     # ------------------------------------------------------------------ plumbing
@@ -245,6 +259,9 @@ class AsyncClient:
         if isinstance(reply, Error):
             await self.close()
             _raise_error(reply)
+        if reply.version != PROTOCOL_VERSION:
+            await self.close()
+            _check_welcome(reply)
         self.model = reply.model
         return self
 

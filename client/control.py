@@ -1,7 +1,10 @@
 """Daemon control for the CLI: start in the background, stop, status, logs.
 
 `start` launches `moed daemon ...` in its own session with output to the log file, then polls the
-daemon's status until the model is loaded, showing load progress (ollama's pattern).
+daemon's status until the model is loaded, showing load progress (ollama's pattern). Secrets (the
+HTTP API key) go to the daemon in its environment, never on its command line. The pid that `start`
+and `stop` act on is the one holding the runtime directory's lock (ipc/connection.running_daemon):
+a pid file naming any other process is stale and that process is never signalled.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moed.client import launch
 from moed.client.client import Client, DaemonNotRunning, MoedError
-from moed.ipc.connection import daemon_files, read_pid
+from moed.ipc.connection import daemon_files, read_pid, running_daemon
 from moed.ipc.messages import DaemonStatus
 
 START_TIMEOUT_S = 600.0
@@ -34,16 +37,17 @@ def log_tail(path: Path, lines: int = 20) -> str:
 
 
 def start(daemon_args: list[str], runtime_dir: str | None = None, quiet: bool = False,
-          ranks: int | None = None, hosts: str | None = None) -> int:
+          ranks: int | None = None, hosts: str | None = None, secrets: dict[str, str] | None = None) -> int:
     """Launch the daemon in the background; return once it serves (0) or failed (1).
 
-    With `ranks`/`hosts` the daemon runs on every rank under mlx.launch (rank 0 serves).
+    With `ranks`/`hosts` the daemon runs on every rank under mlx.launch (rank 0 serves). `secrets`
+    are environment variables for the daemon only (e.g. MOED_API_KEY), kept off its argv.
     """
     files = daemon_files(runtime_dir)
-    if (pid := read_pid(files)) is not None:
+    if (pid := running_daemon(files)) is not None:
         print(f"moed is already running (pid {pid}); `moed stop` first", file=sys.stderr)
         return 1
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(secrets or {}))
     if runtime_dir:
         env["MOED_RUNTIME_DIR"] = str(runtime_dir)
     fd = os.open(files.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -86,10 +90,20 @@ def _try_status(runtime_dir) -> DaemonStatus | None:
 
 
 def stop(runtime_dir: str | None = None, timeout: float = 30.0) -> int:
-    """Ask the daemon to stop; SIGTERM, then SIGKILL, if it does not exit in time."""
+    """Ask the daemon to stop (also while it loads); SIGTERM, then SIGKILL, if it does not exit in
+    time. Only the process holding the runtime directory's lock is signalled (psutil.Process checks
+    the pid's start time again before each signal, so a pid reused meanwhile is left alone too)."""
     files = daemon_files(runtime_dir)
-    pid = read_pid(files)
+    pid = running_daemon(files)
     if pid is None:
+        stale = read_pid(files)
+        note = (f" (daemon.pid names pid {stale}, which does not hold {files.lock.name}: not moed's daemon, "
+                "left alone)") if stale is not None else ""
+        print(f"moed is not running{note}", file=sys.stderr)
+        return 0
+    try:
+        procs = [psutil.Process(pid)]
+    except psutil.NoSuchProcess:
         print("moed is not running", file=sys.stderr)
         return 0
     others = []  # the other ranks on this host, when the model is split
@@ -98,16 +112,31 @@ def stop(runtime_dir: str | None = None, timeout: float = 30.0) -> int:
             others = [r.pid for r in c.status().ranks[1:] if r.host == socket.gethostname()]
             c.stop_daemon()
     except MoedError:
-        os.kill(pid, signal.SIGTERM)
-    for p in [pid, *others]:
+        procs[0].send_signal(signal.SIGTERM)
+    for p in others:
         try:
-            psutil.Process(p).wait(timeout)
-        except psutil.TimeoutExpired:
-            os.kill(p, signal.SIGKILL)
+            procs.append(psutil.Process(p))
         except psutil.NoSuchProcess:
             pass
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        while not _gone(p) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not _gone(p):
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
     print(f"moed stopped (pid {pid}{f' and ranks {others}' if others else ''})", file=sys.stderr)
     return 0
+
+
+def _gone(p: psutil.Process) -> bool:
+    """Exited (a zombie, not yet reaped by its parent, counts), or its pid now names another process."""
+    try:
+        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def status(runtime_dir: str | None = None) -> DaemonStatus:

@@ -245,7 +245,13 @@ def memory_panel(view: "View", width: int = 100) -> Panel:
     for n, label, ch, style in parts:
         legend.append(f"{ch} ", style=style)
         legend.append(f"{label} {fmt_bytes(n)}  ")
-    return Panel(Group(bar, legend), title="memory", title_align="left", border_style="magenta")
+    rows = [bar, legend]
+    if (pc := view.snapshot.prompt_cache) is not None:  # reusable prompt prefixes
+        entries = f"{pc.entries} {'entry' if pc.entries == 1 else 'entries'}"
+        rows.append(Text.assemble(("prompt cache ", "bold"), f"{entries}, {fmt_bytes(pc.bytes)} of "
+                                  f"{fmt_bytes(pc.max_bytes)}, {pc.hit_tokens:,} tokens reused"
+                                  + (f"; disk {fmt_bytes(pc.disk_bytes)}" if pc.disk_dir else "")))
+    return Panel(Group(*rows), title="memory", title_align="left", border_style="magenta")
 
 
 def requests_panel(view: "View", max_rows: int = MAX_REQUEST_ROWS) -> Panel:

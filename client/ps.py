@@ -25,6 +25,18 @@ def _read_mode(io: IoStatus | None) -> str:
     return f" ({', '.join(mode + (['lookahead'] if io.lookahead else []))})"
 
 
+def prompt_cache_row(s: DaemonStatus) -> str:
+    """Entries, bytes of the bound, prompt tokens reused (and the disk's share when kept there)."""
+    p = s.prompt_cache
+    if p is None:
+        return "off"
+    row = (f"{p.entries} entries, {mb(p.bytes)} of {mb(p.max_bytes)}, {p.hit_tokens:,} of {p.looked_up_tokens:,} "
+           f"prompt tokens reused ({p.hits}/{p.lookups} requests)")
+    if p.disk_dir:
+        row += f"; disk {p.disk_entries} entries, {mb(p.disk_bytes)}, {p.disk_hits} hits ({p.disk_dir})"
+    return row
+
+
 def overview_table(s: DaemonStatus) -> Table:
     t = Table(title="moed", show_header=False, title_justify="left")
     t.add_column("", style="bold")
@@ -42,6 +54,7 @@ def overview_table(s: DaemonStatus) -> Table:
         ("cache", cache_row if cache is not None else "-"),
         ("disk", f"{mb(cache.bytes_read if cache else None)} read" + _read_mode(s.io)),
         ("decode", f"{s.decode_tps:.2f} tok/s"),
+        ("prompt cache", prompt_cache_row(s)),
         ("workers", ", ".join(f"{w.pid}{'' if w.alive else ' (dead)'}" for w in s.workers) or "-"),
         ("requests", f"{len(s.requests)} active, {s.totals.requests} total"),
         ("http", s.http or "-"),

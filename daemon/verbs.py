@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 
 from moed.client import launch
@@ -46,7 +48,10 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
     paging = PagingConfig.from_args(a)
     ck = read_checkpoint(a.model)
-    plan_for = partial(make_plan, ck, context=a.context, ram_gb=a.ram)
+    from moed.ipc.config import ServingConfig
+
+    plan_for = partial(make_plan, ck, context=a.context, ram_gb=a.ram,
+                       prompt_cache_gb=ServingConfig.from_args(a).prompt_cache_gb)
     plan = plan_for(paging)
     profile = measure_profile(ck, dtype=paging.dtype) if a.measure else None
     fits_at = largest_fraction(lambda f: plan_for(replace(paging, cache_fraction=f, cache_gb=None)), plan.ram_bytes)
@@ -159,11 +164,21 @@ def cmd_policy(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    if a.workload == "warm-start":
+        from moed.daemon.tools import warmbench
+
+        warmbench.run_all(a.model, [float(f) for f in str(a.cache_fractions).split(",") if f], a.max_tokens,
+                          record_tokens=256, out=a.out, routing=a.routing)
+        return 0
     if getattr(a, "workload", "decode") == "grammar":
         from moed.daemon.tools import grammarbench
 
         grammarbench.run(a.model, a.out, a.repeat, a.max_tokens, float(str(a.cache_fractions).split(",")[0]))
         return 0
+    if getattr(a, "workload", "decode") in ("chat", "agent", "contention"):
+        from moed.daemon.tools import servebench
+
+        return servebench.main(a)
     from moed.daemon.tools.bench import main as bench_main
 
     return bench_main(a)
@@ -186,19 +201,35 @@ def demo_model() -> str:
     return str(path)
 
 
+def _note_stop_signals() -> list[int]:
+    """Until the supervisor installs its own handlers (first thing in Supervisor.run), a SIGTERM/SIGINT
+    is only noted (raising here could land inside an extension's initialisation): the supervisor then
+    stops at once, cleanly, with exit 0. Returns the list the signals are noted in."""
+    noted: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: noted.append(signum))
+    return noted
+
+
 def cmd_daemon(a: argparse.Namespace) -> int:
     paging = PagingConfig.from_args(a)
     from moed.ipc.config import ServingConfig
 
     if (code := _launched(a)) is not None:
         return code
+    # the rank that serves notes early stop signals; ranks > 0 keep the default actions
+    noted = _note_stop_signals() if os.environ.get("MLX_RANK", "0") == "0" else []
     from moed.daemon.dist.ranks import link
     from moed.daemon.service.supervisor import DaemonConfig
     from moed.daemon.service.supervisor import main as supervise
 
+    from moed.ipc.config import API_KEY_ENV, api_key_of
+
     model = demo_model() if a.demo else a.model
     if not model:
         raise ValueError("give --model DIR (or --demo)")
+    api_key = api_key_of(a)
+    os.environ.pop(API_KEY_ENV, None)  # the I/O workers and other children do not need it
     return supervise(DaemonConfig(model=model, paging=paging, serving=ServingConfig.from_args(a),
-                                  http=a.http, api_key=a.api_key, aliases=a.alias or [],
-                                  cors_origins=a.cors_origin or []), link())
+                                  http=a.http, api_key=api_key, aliases=a.alias or [],
+                                  cors_origins=a.cors_origin or []), link(), stopped=lambda: bool(noted))

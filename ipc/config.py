@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
+import sys
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
@@ -151,6 +153,9 @@ class PagingConfig(Options):
                                 sizes=True, type=int, valid=(lambda v: v >= 1, "must be at least 1"))
     warm: bool = _option(True, "--no-warm", "start with an empty expert cache (default: fill it at load)",
                          action="store_false")
+    warm_start: bool = _option(True, "--no-warm-start", "fill the cache at load in experts 0..n-1 order, not with the "
+                               "experts the last runs used most (saved in the runtime dir: README)",
+                               action="store_false")
     lookahead: bool | None = _option(  # None: moed.daemon.engine.budget.LOOKAHEAD_BELOW decides
         False, "--lookahead", "read the next layer's predicted experts while this layer computes (default: off; "
         "slower at a real model's recall, ~0.6: README)", action=argparse.BooleanOptionalAction)
@@ -187,9 +192,13 @@ class ServingConfig(Options):
                              valid=(lambda v: v >= 1, "must be at least 1"))
     max_queue: int = _option(32, "--max-queue", "requests admitted before rejecting (default 32)", type=int,
                              valid=(lambda v: v >= 1, "must be at least 1"))
-    prefill_chunk: int = _option(  # chosen by the contention bench (README)
-        256, "--prefill-chunk", "prompt tokens prefilled per engine step, between the running streams' decode "
-        "steps (default 256)", type=int, valid=(lambda v: v >= 1, "must be at least 1"))
+    max_client_requests: int = _option(
+        32, "--max-client-requests", "requests one client may have running or queued; past it they are rejected "
+        "(default 32; the HTTP API is one client: its requests count together)", type=int,
+        valid=(lambda v: v >= 1, "must be at least 1"))
+    prefill_chunk: int = _option(  # chosen by the contention bench (README "Serving: chats, agents, a second app")
+        64, "--prefill-chunk", "prompt tokens prefilled per engine step, between the running streams' decode "
+        "steps (default 64)", type=int, valid=(lambda v: v >= 1, "must be at least 1"))
     prompt_cache_gb: float | None = _option(
         None, "--prompt-cache-gb", "memory for reusable prompt prefixes (KV and recurrent state); 0 turns the "
         "prompt cache off (default: sized by `moed plan`)", type=float,
@@ -203,6 +212,33 @@ class ServingConfig(Options):
         math.inf, "--keep-alive", "release the model's memory after this long idle, e.g. 5m (default: never); "
         "the next request loads it again", type=parse_duration,
         valid=(lambda v: v >= 0, "must be a duration >= 0"))
+
+
+API_KEY_ENV = "MOED_API_KEY"
+
+
+def api_key_of(a: argparse.Namespace) -> str | None:
+    """The HTTP API key: `--api-key-file` or `--api-key` (with a warning: a command line is readable by
+    every local user, in /proc/PID/cmdline and `ps`), else $MOED_API_KEY. `moed start` hands it to the
+    daemon in that variable, never on its command line."""
+    if a.api_key is not None and a.api_key_file is not None:
+        raise ValueError("give --api-key-file or --api-key, not both")
+    if a.api_key is not None:
+        print(f"moed: warning: --api-key puts the key on the command line, where every local user can read it; "
+              f"use --api-key-file PATH or ${API_KEY_ENV}", file=sys.stderr)
+        key = a.api_key
+    elif a.api_key_file is not None:
+        try:
+            with open(a.api_key_file) as f:
+                key = f.read().strip()
+        except OSError as e:
+            raise ValueError(f"--api-key-file: cannot read {a.api_key_file}: {e.strerror}") from None
+        if not key:
+            raise ValueError(f"--api-key-file: {a.api_key_file} is empty")
+    else:
+        key = os.environ.get(API_KEY_ENV) or None
+    return key
+
 
 def flag_of(name: str) -> str:
     """The command-line flag of a PagingConfig field."""

@@ -17,10 +17,15 @@ ranks of a model split across processes or hosts (carried by mx.distributed, see
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, is_dataclass
+import hashlib
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Callable, TypeVar
 
-PROTOCOL_VERSION = 1
+# Bump PROTOCOL_VERSION whenever a message changes, and set SCHEMA to the new schema_fingerprint()
+# (tests/ipc/test_ipc.py fails until both are done): a client then refuses a daemon of another
+# version at connect (ProtocolMismatch) instead of waiting for answers it cannot read.
+PROTOCOL_VERSION = 2
+SCHEMA = "143101f6b4e9f6e4"
 
 T = TypeVar("T")
 
@@ -420,3 +425,13 @@ class RankStatus:
     misses: int
     bytes_read: int
     workers: int
+
+
+def schema_fingerprint() -> str:
+    """A digest of every message's type code and of every dataclass here (messages and the status
+    snapshot's parts): names, field names and types."""
+    codes = {cls: code for code, cls in REGISTRY.items()}
+    rows = sorted(f"{codes.get(cls, '-')}:{name}:" + ",".join(f"{f.name}={f.type}" for f in fields(cls))
+                  for name, cls in globals().items()
+                  if isinstance(cls, type) and is_dataclass(cls) and cls.__module__ == __name__)
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]

@@ -27,13 +27,21 @@ def runtime_dir() -> Path:
 
 
 def private_dir(path: Path) -> Path:
-    """mkdir -p with mode 0700; refuses a directory owned by someone else."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """mkdir -p with mode 0700. A directory that exists already must be ours and private (no access
+    for group or others): else it is refused, never chmod'ed (it may be shared, e.g. a
+    MOED_RUNTIME_DIR set to /tmp)."""
+    try:
+        path.mkdir(mode=0o700, parents=True)
+        os.chmod(path, 0o700)  # new and ours: 0700 whatever the umask
+    except FileExistsError:
+        pass
     st = path.stat()
     if st.st_uid != os.getuid():
-        raise PermissionError(f"{path} is owned by uid {st.st_uid}, not {os.getuid()}")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(path, 0o700)
+        raise PermissionError(f"runtime directory {path} is owned by uid {st.st_uid}, not {os.getuid()}: "
+                              "choose another (MOED_RUNTIME_DIR)")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise PermissionError(f"runtime directory {path} is mode {stat.S_IMODE(st.st_mode):o}, open to other users: "
+                              "make it private (chmod 700) or choose another (MOED_RUNTIME_DIR)")
     return path
 
 
@@ -49,10 +57,11 @@ def ipc_endpoint(name: str | None = None, directory: str | os.PathLike | None = 
 
 
 def remove_stale_endpoints(directory: str | os.PathLike) -> None:
-    """Delete `<pid>-<hex>.sock` files (ipc_endpoint's default names) of processes that are gone."""
+    """Delete `<pid>-<hex>.sock` files (ipc_endpoint's default names) of processes that are gone
+    (zombies included: a SIGKILLed supervisor not yet reaped)."""
     for path in Path(directory).glob("*-*.sock"):
         pid = path.name.split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             path.unlink(missing_ok=True)
 
 

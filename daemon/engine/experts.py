@@ -99,7 +99,9 @@ class Observer(Protocol):
 
 class Heat:
     """An observer: recent use per (layer, expert), decayed once per model step (at layer 0;
-    half-life ~14 steps). Fully resident layers take the fast path and are not counted.
+    half-life ~14 steps), and `counts`, every use of the run (what a warm start fills the cache
+    with next time: daemon/engine/warmstart.py). Fully resident layers take the fast path and are
+    not counted.
 
     Args:
         num_experts: experts of each MoE layer.
@@ -109,11 +111,13 @@ class Heat:
 
     def __init__(self, num_experts: Sequence[int]):
         self.values = np.zeros((len(num_experts), max(num_experts)), dtype=np.float32)
+        self.counts = np.zeros_like(self.values, dtype=np.float64)
 
     def visit(self, layer: int, experts: np.ndarray, decode: bool) -> None:
         if layer == 0:
             self.values *= HEAT_DECAY
         self.values[layer, experts] += 1
+        self.counts[layer, experts] += 1
 
 
 class Visit:

@@ -20,11 +20,12 @@ from mlx_lm.utils import load_config, load_tokenizer
 
 from moed.daemon.engine.budget import auto_lookahead, cached_expert_nbytes, check_fits, slots_per_layer, staging_bytes
 from moed.daemon.engine.checkpoint import hidden_size_of, index_experts, lazy_model, resolve_model, top_k_of
-from moed.daemon.engine.experts import ExpertStore, PagedSwitch
+from moed.daemon.engine.experts import ExpertStore, Heat, PagedSwitch
 from moed.daemon.engine.index import CheckpointError
 from moed.daemon.engine.lookahead import attach
 from moed.daemon.engine.modules import arch_of, cast_floats, find_switches, set_module
 from moed.daemon.engine.routing import set_top_k
+from moed.daemon.engine.warmstart import WarmStart
 from moed.daemon.io.fetcher import Fetcher
 from moed.ipc.config import PagingConfig
 from moed.ipc.connection import daemon_files
@@ -64,8 +65,19 @@ class PagedModel:
     expert_bytes: int  # all experts on disk
     top_k: int
     info: dict = field(default_factory=dict)
+    heat: Heat | None = None  # the store's use counts (the TUI's heat map, the next warm start)
+    warm_start: WarmStart | None = None  # where this run's counts are saved (None: --no-warm-start)
+
+    def save_heat(self) -> None:
+        """Save this run's expert use counts for the next load's warm start."""
+        if self.warm_start is not None and self.heat is not None:
+            try:
+                self.warm_start.save(self.heat.counts)
+            except OSError as e:
+                print(f"[moed] could not save the expert use counts: {e}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        self.save_heat()
         self.fetcher.close()
 
     def __enter__(self):
@@ -151,8 +163,13 @@ def load_paged(model: str | Path, paging: PagingConfig | None = None, *,
             mx.eval(v)
             done += v.nbytes
             report("loading resident weights", 0.15 + 0.5 * done / max(1, non_expert))
-        warm_bytes = (store.warm(progress=lambda f: report("warming the expert cache", 0.65 + 0.3 * f))
+        experts_per_layer = [layer.num_experts for layer in layers]
+        warm_start = (WarmStart.for_model(daemon_files().dir, path, experts_per_layer,
+                                          f"top_k={top_k}", f"layers={layer_range}") if paging.warm_start else None)
+        order = warm_start.order() if warm_start is not None and paging.warm else None
+        warm_bytes = (store.warm(order, progress=lambda f: report("warming the expert cache", 0.65 + 0.3 * f))
                       if paging.warm else 0)
+        heat = store.observe(Heat(experts_per_layer))
         report("loading the tokenizer", 0.95)
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     except BaseException:
@@ -162,7 +179,8 @@ def load_paged(model: str | Path, paging: PagingConfig | None = None, *,
     report("ready", 1.0)
     return PagedModel(net, tokenizer, config, path, store, fetcher, non_expert, expert_bytes, top_k,
                       info={"moe_layers": len(layers), "slots_per_layer": n_slots,
-                            "experts_per_layer": [layer.num_experts for layer in layers],
+                            "experts_per_layer": experts_per_layer,
                             "cache_bytes": store.resident_bytes(), "warm_bytes": warm_bytes,
+                            "warm_from_counts": order is not None,
                             "layer_range": layer_range, "packed": bool(table.packed),
-                            "lookahead": bool(lookahead)})
+                            "lookahead": bool(lookahead)}, heat=heat, warm_start=warm_start)

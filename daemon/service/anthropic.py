@@ -26,13 +26,13 @@ from starlette.routing import Route
 
 from moed.client.client import DaemonDied, RequestRejected
 from moed.daemon.service import tools as tool_calls
-from moed.daemon.service.api import ApiError, parse_json_object, ticking
+from moed.daemon.service.api import ApiError, parse_json_object, read_json_body, ticking
 from moed.ipc.messages import Finished, Token
 
 MAX_BODY_BYTES = 32 << 20
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
-               503: "overloaded_error", 529: "overloaded_error"}
+               404: "not_found_error", 413: "request_too_large", 415: "invalid_request_error", 429: "rate_limit_error",
+               500: "api_error", 503: "overloaded_error", 529: "overloaded_error"}
 NATIVE_STATUS = {"bad_request": 400, "context_length_exceeded": 400, "rejected": 429, "unauthorized": 401,
                  "shutdown": 503, "internal": 500}
 # request fields: honoured, or accepted because they change nothing here (see the README table)
@@ -316,9 +316,10 @@ class Messages:
             raise AnthropicError(401, "invalid x-api-key")
 
     async def body(self, request: Request, fields: set) -> dict:
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise AnthropicError(413, "request body too large")
+        try:
+            raw = await read_json_body(request, MAX_BODY_BYTES)  # 415 unless JSON, 413 as it passes the cap
+        except ApiError as e:
+            raise AnthropicError(e.status, str(e)) from None
         try:
             body = parse_json_object(raw)  # the OpenAI layer's checks: JSON object, valid Unicode
         except ApiError as e:

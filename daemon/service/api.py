@@ -1,4 +1,5 @@
-"""Parts the HTTP API's rooms share: OpenAI-shaped errors, the native error codes' HTTP statuses, body checks."""
+"""Parts the HTTP API's rooms share: OpenAI-shaped errors, the native error codes' HTTP statuses, body checks,
+and the guard that keeps web pages off a loopback API (Host and Origin)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import asyncio
 import ipaddress
 import json
 import re
+from urllib.parse import urlsplit
 
+from starlette.datastructures import Headers
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from moed.client.client import DaemonDied, RequestRejected
@@ -16,6 +20,7 @@ HTTP_STATUS = {"bad_request": 400, "context_length_exceeded": 400, "rejected": 4
                "shutdown": 503, "internal": 500}
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+               415: "invalid_request_error",
                429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
 
@@ -55,6 +60,75 @@ def is_loopback(host: str) -> bool:
 def parse_hostport(spec: str) -> tuple[str, int]:
     host, _, port = spec.rpartition(":")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def is_json_type(content_type: str) -> bool:
+    """application/json or a +json type (parameters such as charset aside)."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+async def read_json_body(request: Request, limit: int) -> bytes:
+    """The raw body of a JSON request: 415 unless its Content-Type is JSON (a web page's `text/plain` form
+    post is not an API call), 413 as soon as it passes `limit` bytes (by its Content-Length, or while it
+    streams in: never read whole first)."""
+    if not is_json_type(request.headers.get("content-type", "")):
+        raise ApiError(415, f"Content-Type must be application/json, not {request.headers.get('content-type')!r}",
+                       code="unsupported_media_type")
+    too_large = ApiError(413, f"request body too large (the limit is {limit} bytes)", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def host_of(netloc: str) -> str | None:
+    """"127.0.0.1:8000", "[::1]:8000", "localhost" -> the host name, lower case, no brackets."""
+    try:
+        return urlsplit(f"//{netloc}").hostname
+    except ValueError:
+        return None
+
+
+class LocalGuard:
+    """ASGI middleware that keeps web pages off the API (DNS rebinding, cross-site requests). Bound to a
+    loopback address, the Host header must name a loopback address or the bound host; a request with
+    an Origin must come from such a host (any port), from the Host itself, or be one of `cors_origins`
+    (`--cors-origin`). Otherwise 403 in OpenAI's shape. Bound elsewhere (`--http 0.0.0.0:...`, which
+    needs an API key) any Host is taken; the Origin rule is the same."""
+
+    def __init__(self, app, bound_host: str, cors_origins=()):
+        self.app, self.bound = app, bound_host.strip("[]").lower()
+        self.cors = {o.rstrip("/") for o in cors_origins}
+
+    def _local(self, host: str | None) -> bool:
+        return host is not None and (host == self.bound or is_loopback(host))
+
+    def refusal(self, headers: Headers) -> str | None:
+        host_header = headers.get("host", "")
+        host = host_of(host_header)
+        if is_loopback(self.bound) and host_header and not self._local(host):  # (browsers always send one)
+            return f"Host {host_header!r} is not this loopback server (a web page's DNS rebinding?)"
+        origin = headers.get("origin")
+        if origin is None or origin.rstrip("/") in self.cors:
+            return None
+        parts = urlsplit(origin) if origin != "null" else None
+        if parts is not None and parts.scheme in ("http", "https") and (
+                self._local(parts.hostname) or parts.netloc.lower() == host_header.lower()):
+            return None
+        return f"Origin {origin!r} may not call this API (allow a web page's origin with --cors-origin)"
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and (why := self.refusal(Headers(scope=scope))) is not None:
+            await error_response(ApiError(403, why, code="forbidden"))(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def parse_json_object(raw: bytes) -> dict:

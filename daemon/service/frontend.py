@@ -13,6 +13,11 @@ not sent: its request is aborted, and its stream ends with Error("too_slow") whe
 again, after the tokens it did get, never with a hole in the middle. Other clients are unaffected.
 Replies and stream ends still queue up to twice CLIENT_QUEUE; past that the client is dropped as if
 it had exited (its requests aborted).
+
+What one client may send is bounded (ClientBounds): its name, its request ids (echoed in every
+Token), its stop strings and how many requests it has in flight. Past a bound the message is
+refused here, on the I/O thread, with a typed Error naming the bound, so it never reaches the
+engine; with names and ids bounded, the status (which lists them) has a bounded size too.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ from typing import Callable
 import zmq
 
 from moed.ipc.codec import ProtocolError, decode, encode
-from moed.ipc.messages import (Abort, DaemonStatus, Error, Finished, Hello, Ping, Pong, Status, StatusQuery, Token,
-                               Welcome)
+from moed.ipc.messages import (Abort, DaemonStatus, Error, Finished, Generate, Hello, Ping, Pong, Status,
+                               StatusQuery, StopDaemon, Token, Welcome)
 from moed.ipc.runtime import process_alive, restrict_socket
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,34 @@ SNDBUF = 0  # kernel send buffer of a client's connection, bytes (0: the OS defa
 CLIENT_QUEUE = 1024  # messages held for one client whose socket is full (see the module docstring)
 RETRY_S = 0.01  # how often a client with queued messages is tried again
 
+
+
+@dataclass(frozen=True)
+class ClientBounds:
+    """What one client may send; past a bound its message gets a typed Error and goes no further."""
+
+    name_chars: int = 128  # Hello.client (shown by `moed ps`, in the status): else bad_request
+    req_id_chars: int = 256  # Generate.req_id (echoed in every Token): else bad_request
+    stop_strings: int = 16  # Generate.stop entries (OpenAI allows 4): else bad_request
+    stop_chars: int = 256  # characters of one stop string: else bad_request
+    in_flight: int = 32  # requests running or queued per client (--max-client-requests): else rejected
+
+    def refusal(self, g: Generate, in_flight: set[str]) -> Error | None:
+        """Why this client's Generate is refused (None: it goes to the engine)."""
+        rid = g.req_id
+        if len(rid) > self.req_id_chars:
+            return Error(rid, "bad_request", f"req_id: at most {self.req_id_chars} characters")  # echoed once
+        stop = g.stop if isinstance(g.stop, list) else []
+        if len(stop) > self.stop_strings:
+            return Error(rid, "bad_request", f"stop: {len(stop)} strings; at most {self.stop_strings}")
+        if any(isinstance(x, str) and len(x) > self.stop_chars for x in stop):
+            return Error(rid, "bad_request", f"stop: a string of more than {self.stop_chars} characters")
+        if rid in in_flight:
+            return Error(rid, "bad_request", f"request id {rid!r} is in use")
+        if len(in_flight) >= self.in_flight:
+            return Error(rid, "rejected", f"this client has {len(in_flight)} requests in flight, the most one "
+                                          f"client may have (--max-client-requests)")
+        return None
 
 
 @dataclass(frozen=True)
@@ -59,10 +92,16 @@ class Frontend:
         model: name sent in Welcome.
         status: returns the latest published DaemonStatus (called from the I/O thread, so it must
             only read what the engine loop stored; the snapshot is sent as it is).
+        on_stop: called (from the I/O thread) on StopDaemon, so a stop reaches a loop that is not
+            draining the inbox yet (a load); None puts StopDaemon on the inbox like any request.
+        bounds: what one client may send (ClientBounds).
     """
 
-    def __init__(self, endpoint: str, token: str, model: str, status: Callable[[], DaemonStatus]):
+    def __init__(self, endpoint: str, token: str, model: str, status: Callable[[], DaemonStatus],
+                 on_stop: Callable[[], None] | None = None, bounds: ClientBounds = ClientBounds()):
         self.endpoint, self._token, self.model, self._status = endpoint, token, model, status
+        self._on_stop, self.bounds = on_stop, bounds
+        self._in_flight: dict[bytes, set[str]] = {}  # client -> its requests the engine has not ended
         # (client identity, message | Disconnected). A SimpleQueue: its put is reentrant, so the
         # supervisor's signal handler may use it to wake the loop that is blocked in its get.
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -135,6 +174,8 @@ class Frontend:
                 client, msg = self._out.get_nowait()
             except queue.Empty:
                 return
+            if isinstance(msg, (Finished, Error)) and (mine := self._in_flight.get(client)) is not None:
+                mine.discard(msg.req_id)  # the engine ended it
             self._emit(client, msg)
 
     def _emit(self, client: bytes, msg) -> None:
@@ -205,6 +246,7 @@ class Frontend:
             q.clear()
         self._lost.pop(client, None)
         self._pids.pop(client, None)
+        self._in_flight.pop(client, None)
         if self.clients.pop(client, None) is not None:
             self.inbox.put((client, Disconnected()))
 
@@ -221,17 +263,29 @@ class Frontend:
             self._emit(client, Error(None, "protocol", str(e)))
             return
         if isinstance(msg, Hello):
-            if hmac.compare_digest(msg.token.encode(), self._token.encode()):
+            if not hmac.compare_digest(msg.token.encode(), self._token.encode()):
+                self._emit(client, Error(None, "unauthorized", "bad token: read it from the connection file"))
+            elif len(msg.client) > self.bounds.name_chars:
+                self._emit(client, Error(None, "bad_request", f"Hello.client: the client's name is {len(msg.client)} "
+                                                              f"characters; at most {self.bounds.name_chars}"))
+            else:
                 self.clients[client] = f"{msg.client}:{msg.pid}"
                 self._pids[client] = msg.pid
                 self._emit(client, Welcome(self.model, os.getpid()))
-            else:
-                self._emit(client, Error(None, "unauthorized", "bad token: read it from the connection file"))
         elif client not in self.clients:
             self._emit(client, Error(getattr(msg, "req_id", None), "unauthorized", "send Hello with the token first"))
         elif isinstance(msg, Ping):
             self._emit(client, Pong(msg.seq))
         elif isinstance(msg, StatusQuery):
             self._emit(client, Status(self._status(), msg.req_id))
+        elif isinstance(msg, StopDaemon) and self._on_stop is not None:
+            self._on_stop()
+        elif isinstance(msg, Generate):
+            mine = self._in_flight.setdefault(client, set())
+            if (refused := self.bounds.refusal(msg, mine)) is not None:
+                self._emit(client, refused)
+            else:
+                mine.add(msg.req_id)
+                self.inbox.put((client, msg))
         else:
             self.inbox.put((client, msg))

@@ -29,8 +29,8 @@ from starlette.routing import Route
 from moed.client.client import AsyncClient, DaemonDied, RequestRejected
 from moed.daemon.service import anthropic, openai
 from moed.daemon.service import tools as tool_calls
-from moed.daemon.service.api import (HTTP_STATUS, ApiError, error_response, is_loopback, native_error,  # noqa: F401
-                                     parse_hostport, parse_json_object, ticking)
+from moed.daemon.service.api import (HTTP_STATUS, ApiError, LocalGuard, error_response, is_loopback,  # noqa: F401
+                                     native_error, parse_hostport, parse_json_object, read_json_body, ticking)
 from moed.ipc.messages import DaemonStatus, Token
 
 MAX_BODY_BYTES = 4 << 20
@@ -130,10 +130,7 @@ class Api:
             raise ApiError(401, "invalid or missing API key", "authentication_error", "invalid_api_key")
 
     async def body(self, request: Request) -> dict:
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise ApiError(413, "request body too large")
-        body = parse_json_object(raw)
+        body = parse_json_object(await read_json_body(request, MAX_BODY_BYTES))
         await self.check_model(body.get("model"))
         return body
 
@@ -369,7 +366,7 @@ async def until_disconnected(request: Request) -> None:
 
 def prometheus(s: DaemonStatus) -> str:
     """The status snapshot in Prometheus text format (the cache's figures are 0 while loading)."""
-    c, totals = s.cache, s.totals
+    c, totals, p = s.cache, s.totals, s.prompt_cache
     rows = [
         ("moed_up", "gauge", "1 when the model is loaded and serving", 1 if s.state == "ready" else 0),
         ("moed_requests_total", "counter", "requests admitted", totals.requests),
@@ -383,6 +380,12 @@ def prometheus(s: DaemonStatus) -> str:
         ("moed_cache_budget_bytes", "gauge", "expert cache size", c.budget_bytes if c else 0),
         ("moed_expert_bytes_read_total", "counter", "expert bytes read from disk", c.bytes_read if c else 0),
         ("moed_resident_memory_bytes", "gauge", "daemon RSS", s.rss_bytes),
+        ("moed_prompt_cache_entries", "gauge", "prompt prefixes cached in memory", p.entries if p else 0),
+        ("moed_prompt_cache_bytes", "gauge", "bytes of the cached prompt prefixes", p.bytes if p else 0),
+        ("moed_prompt_cache_max_bytes", "gauge", "the prompt cache's bound", p.max_bytes if p else 0),
+        ("moed_prompt_cache_hit_tokens_total", "counter", "prompt tokens reused, not prefilled",
+         p.hit_tokens if p else 0),
+        ("moed_prompt_cache_disk_bytes", "gauge", "bytes of the prompt prefixes on disk", p.disk_bytes if p else 0),
     ]
     out = []
     for name, kind, help_, value in rows:
@@ -390,10 +393,11 @@ def prometheus(s: DaemonStatus) -> str:
     return "\n".join(out) + "\n"
 
 
-def make_app(api: Api, cors_origins=()) -> Starlette:
+def make_app(api: Api, cors_origins=(), bound_host: str = "127.0.0.1") -> Starlette:
     """The app: OpenAI's routes, Anthropic's (daemon/service/anthropic.py), /health and /metrics; every
-    error in OpenAI's JSON shape (unknown routes and methods, and crashes, too); CORS headers and
-    preflight answers for exactly `cors_origins` (`--cors-origin`)."""
+    error in OpenAI's JSON shape (unknown routes and methods, and crashes, too); Host and Origin checked
+    first (api.LocalGuard: web pages are kept off a loopback API); CORS headers and preflight answers
+    for exactly `cors_origins` (`--cors-origin`)."""
     def wrap(fn):
         async def handler(request: Request) -> Response:
             try:
@@ -417,7 +421,7 @@ def make_app(api: Api, cors_origins=()) -> Starlette:
         return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error",
                                        "internal_error"))
 
-    middleware = []
+    middleware = [Middleware(LocalGuard, bound_host=bound_host, cors_origins=cors_origins)]
     if cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
                                      allow_headers=["*"], expose_headers=["*"]))
@@ -446,9 +450,9 @@ class HttpServer:
     def __init__(self, hostport: str, api_key: str | None, runtime_dir, aliases=(), cors_origins=()):
         host, port = parse_hostport(hostport)
         if not is_loopback(host) and not api_key:
-            raise ValueError(f"binding HTTP to {host} (not loopback) requires --api-key")
+            raise ValueError(f"binding HTTP to {host} (not loopback) requires --api-key-file (or --api-key)")
         self.api = Api(runtime_dir, api_key, aliases)
-        config = uvicorn.Config(make_app(self.api, cors_origins), host=host, port=port, log_level="warning",
+        config = uvicorn.Config(make_app(self.api, cors_origins, host), host=host, port=port, log_level="warning",
                                 lifespan="off")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="moed-http", daemon=True)

@@ -19,21 +19,21 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import psutil
-
 from moed.daemon.engine.core import EngineCore, RequestRejected, context_length
 from moed.daemon.io.fetcher import FetchError
-from moed.daemon.service.frontend import Disconnected, Frontend
+from moed.daemon.service.frontend import ClientBounds, Disconnected, Frontend
 from moed.daemon.service.status import PUBLISH_S, daemon_status
 from moed.ipc import shm
 from moed.ipc.config import PagingConfig, ServingConfig
-from moed.ipc.connection import DaemonFiles, daemon_files, read_pid, remove_files, write_connection
+from moed.ipc.connection import DaemonFiles, daemon_files, hold_lock, remove_files, write_connection
 from moed.ipc.messages import Abort, DaemonStatus, Error, Finished, Generate, StopDaemon
+from moed.ipc.runtime import process_alive
 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.5  # the loop's wait for a message when it has no work
 WORKER_CHECK_S = 0.25  # how often the loop has the fetcher reap and replace exited I/O workers
+HEAT_SAVE_S = 300.0  # how often the expert use counts are saved for the next warm start (also at stop)
 
 
 @dataclass
@@ -52,17 +52,26 @@ class DaemonAlreadyRunning(RuntimeError):
     pass
 
 
+class Stopped(Exception):
+    """A stop (signal or `moed stop`) arrived while the model was loading: the load is abandoned."""
+
+
 def clean_stale(files: DaemonFiles) -> list[str]:
-    """Remove what a killed daemon left: pid/connection/socket files and its shm segments."""
-    if (pid := read_pid(files)) is not None:
-        raise DaemonAlreadyRunning(f"a moed daemon is already running (pid {pid}); `moed stop` it first")
+    """Remove what a killed daemon left: pid/connection/socket files and its shm segments (called
+    with the directory's lock held, so no daemon owns them). A segment named like ours whose creator
+    lives (a zombie counts as gone), that belongs to another user or that cannot be removed is left."""
     removed = [str(p) for p in (files.connection, files.pid, files.socket) if p.exists()]
     remove_files(files)
     for name in shm.segments() or []:
         owner = name.split("-")[1] if name.count("-") >= 2 else ""
-        if owner.isdigit() and not psutil.pid_exists(int(owner)):
+        try:
+            if not owner.isdigit() or process_alive(int(owner)) or os.stat(f"/dev/shm/{name}").st_uid != os.getuid():
+                continue
             shm.unlink_name(name)
-            removed.append(f"/dev/shm/{name}")
+        except (OSError, ValueError) as e:  # not ours after all (planted, or gone meanwhile)
+            log.warning("leaving /dev/shm/%s: %s", name, e)
+            continue
+        removed.append(f"/dev/shm/{name}")
     return removed
 
 
@@ -78,6 +87,7 @@ class Supervisor:
         self.started = time.time()
         self.pm = None
         self.heat = None  # the store's Heat observer, once loaded
+        self._heat_saved = time.monotonic()
         self.core: EngineCore | None = None
         self.owner: dict[str, tuple[bytes, str]] = {}  # core request id -> (client, client's req_id)
         self._stopping = False  # a plain flag: the signal handler sets it (an Event's lock is not reentrant)
@@ -94,16 +104,24 @@ class Supervisor:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def run(self) -> int:
+    def run(self, stopped=None) -> int:
+        """Serve until stopped; `stopped()` says whether a stop signal came before this took over."""
+        on_main = threading.current_thread() is threading.main_thread()  # signals: the main thread's only
+        if on_main:  # first: a stop signal from here on is a clean stop (exit 0)
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        if stopped is not None and stopped():
+            self._stopping = True  # the load stops at its first step, and everything is cleaned up
+        self._lock = hold_lock(self.files)  # held until this process ends (the kernel lets go of it)
+        if self._lock is None:
+            raise DaemonAlreadyRunning(f"a moed daemon already serves {self.files.dir} (it holds "
+                                       f"{self.files.lock.name}); `moed stop` it first")
         for line in clean_stale(self.files):
             print(f"[moed] removed stale {line}", flush=True)
         token = secrets.token_urlsafe(32)
-        self.frontend = Frontend(self.files.endpoint, token, os.path.basename(str(self.cfg.model)), self.status)
+        self.frontend = Frontend(self.files.endpoint, token, os.path.basename(str(self.cfg.model)), self.status,
+                                 on_stop=self.stop, bounds=ClientBounds(in_flight=self.cfg.serving.max_client_requests))
         self.frontend.start()
-        on_main = threading.current_thread() is threading.main_thread()  # signals: the main thread's only
-        if on_main:
-            signal.signal(signal.SIGTERM, self._on_signal)
-            signal.signal(signal.SIGINT, self._on_signal)
         write_connection(self.files, {"endpoint": self.files.endpoint, "token": token, "pid": os.getpid(),
                                       "model": str(self.cfg.model), "http": self.cfg.http,
                                       "log": str(self.files.log)})
@@ -113,7 +131,11 @@ class Supervisor:
 
                 self.http = HttpServer(self.cfg.http, self.cfg.api_key, self.files.dir, self.cfg.aliases,
                                        self.cfg.cors_origins).start()
-            self._load()
+            try:
+                self._load()
+            except Stopped:
+                print("[moed] stopped while loading", flush=True)
+                return 0
             print(f"[moed] ready: {self.cfg.model} on {self.files.endpoint}"
                   + (f" and http://{self.cfg.http}" if self.http else ""), flush=True)
             self._loop()
@@ -126,7 +148,8 @@ class Supervisor:
     def stop(self) -> None:
         """Ask the loop to stop (from any thread, or a signal handler)."""
         self._stopping = True
-        self.frontend.inbox.put((b"", StopDaemon()))  # wakes the loop; SimpleQueue.put is reentrant
+        if (frontend := getattr(self, "frontend", None)) is not None:  # none yet early in run()
+            frontend.inbox.put((b"", StopDaemon()))  # wakes the loop; SimpleQueue.put is reentrant
 
     def _on_signal(self, signum, frame) -> None:
         """SIGTERM/SIGINT: set the flag and wake the loop, nothing more. A handler runs between any
@@ -142,13 +165,11 @@ class Supervisor:
             new_phase, self.progress = phase != self.progress[0], (phase, done)
             self._publish(force=new_phase)
             if self._stopping:
-                raise KeyboardInterrupt("stopped while loading")
+                raise Stopped()
 
         c = self.cfg
         self.pm = load_model(c, self.link, progress)
-        from moed.daemon.engine.experts import Heat
-
-        self.heat = self.pm.store.observe(Heat(self.pm.info["experts_per_layer"]))
+        self.heat = self.pm.heat
         self.core = new_core(c, self.pm, self.link)
         if self.link is not None:
             from moed.daemon.dist.lockstep import LockstepCore
@@ -221,6 +242,9 @@ class Supervisor:
             elif self.core is not None and time.monotonic() - self._idle_since > self._keep_alive \
                     and not self._stopping:
                 self._sleep()
+            if self.pm is not None and time.monotonic() - self._heat_saved > HEAT_SAVE_S:
+                self._heat_saved = time.monotonic()
+                self.pm.save_heat()
             self._publish()
 
     def _drain(self, block: bool) -> None:
@@ -249,6 +273,9 @@ class Supervisor:
                     self._wake()
                 except (KeyboardInterrupt, SystemExit):
                     raise
+                except Stopped:  # stopped while loading it again
+                    self.frontend.send(client, Error(req_id, "shutdown", "the daemon is stopping"))
+                    return
                 except Exception as e:  # the model cannot be loaded again: say so, stay up
                     log.exception("loading the model again failed")
                     self.state, self.progress = "sleeping", ("sleeping", 0.0)
@@ -405,11 +432,12 @@ def follower(cfg: DaemonConfig, link) -> int:
     return 0
 
 
-def main(cfg: DaemonConfig, link=None) -> int:
+def main(cfg: DaemonConfig, link=None, stopped=None) -> int:
+    """`stopped()`: whether a stop signal came before the supervisor took over the signals."""
     if link is not None and link.rank > 0:
         return follower(cfg, link)
     try:
-        return Supervisor(cfg, link).run()
+        return Supervisor(cfg, link).run(stopped)
     except DaemonAlreadyRunning as e:
         print(f"moed: {e}", file=sys.stderr)
         return 1

@@ -325,6 +325,7 @@ def concurrency_run(model: str, fraction: float, n: int, spec: dict, cold: bool)
     import threading
 
     from moed.client.client import Client
+    from moed.ipc.messages import Token
 
     cache_state = drop_page_cache() if cold else "warm"
     runtime = tempfile.mkdtemp(prefix="moed-bench-")
@@ -346,6 +347,7 @@ def concurrency_run(model: str, fraction: float, n: int, spec: dict, cold: bool)
             time.sleep(0.2)
         prompt = PROMPT_TEXT.split(". ")[0]  # short: this measures decode, not prefill
         results: list = [None] * n
+        counts = [0] * n  # tokens so far, per stream
         barrier = threading.Barrier(n + 1)
 
         def stream(i: int) -> None:
@@ -353,14 +355,23 @@ def concurrency_run(model: str, fraction: float, n: int, spec: dict, cold: bool)
                 barrier.wait()
                 t0 = time.perf_counter()
                 kw = {"temperature": 1.0, "seed": spec["seed"] + i} if spec["sampling"] == "random" else {}
-                _, ids, fin = c.complete(f"{prompt} ({i})", max_tokens=spec["max_tokens"], **kw)
-                results[i] = {"tokens": len(ids), "decode_tps": fin.decode_tps, "ttft_s": fin.ttft_s,
+                for ev in c.generate(f"{prompt} ({i})", max_tokens=spec["max_tokens"], **kw):
+                    if isinstance(ev, Token):
+                        counts[i] += 1
+                    else:
+                        fin = ev
+                results[i] = {"tokens": counts[i], "decode_tps": fin.decode_tps, "ttft_s": fin.ttft_s,
                               "wall_s": time.perf_counter() - t0, "t_end": time.perf_counter(), "t0": t0}
 
         threads = [threading.Thread(target=stream, args=(i,)) for i in range(n)]
         for t in threads:
             t.start()
         barrier.wait()
+        # once every stream decodes (a snapshot may lag a step): the counters, so decode's work alone counts
+        while min(counts) < 3 and any(t.is_alive() for t in threads):  # past the prefill step
+            time.sleep(0.002)
+        with Client(runtime) as c:
+            mid = c.status()  # its counters and its token count are of the same moment
         for t in threads:
             t.join()
         with Client(runtime) as c:
@@ -370,9 +381,14 @@ def concurrency_run(model: str, fraction: float, n: int, spec: dict, cold: bool)
         decoding = min(r["t0"] + r["ttft_s"] for r in results)  # the first token of any stream
         tokens = sum(r["tokens"] for r in results)
         wall = end - start
+        # a paged layer's visit counts each distinct expert it touched once (hit or miss): the expert work
+        visits = snap.cache.hits + snap.cache.misses - mid.cache.hits - mid.cache.misses
+        decode_tokens = snap.totals.generated_tokens - mid.totals.generated_tokens
         return {"engine": "moed-daemon", "cache_fraction": fraction, "sampling": spec["sampling"], "concurrency": n,
                 "aggregate_tps": tokens / wall, "aggregate_decode_tps": tokens / (end - decoding),
-                "streams": results, "wall_s": wall,
+                "streams": results, "wall_s": wall, "expert_visits": visits,
+                "decode_tokens_counted": decode_tokens,
+                "distinct_experts_per_token": visits / max(1, decode_tokens) / max(1, len(snap.cache.slots_per_layer)),
                 "hit_rate": snap.cache.hit_rate, "bytes_read": snap.cache.bytes_read,
                 "daemon_rss_bytes": snap.rss_bytes, "peak_active": snap.totals.peak_active,
                 "cache_state": cache_state}
@@ -406,13 +422,20 @@ def main_concurrency(a, console, model: str, base: dict) -> int:
     for r in runs:
         one = next(x for x in runs if x["concurrency"] == 1 and x["sampling"] == r["sampling"])
         r["aggregate_ratio_vs_1"] = r["aggregate_decode_tps"] / one["aggregate_decode_tps"]
+        # the bound: 1 stream's rate of expert work, spent on this run's distinct experts per token (a step
+        # costs what its distinct experts cost; sharing the rest of the step is not counted)
+        r["bound_aggregate_tps"] = one["aggregate_decode_tps"] * (
+            one["distinct_experts_per_token"] / r["distinct_experts_per_token"])
+        r["aggregate_over_bound"] = r["aggregate_decode_tps"] / r["bound_aggregate_tps"]
     write_provenance(a, model, base, runs, {"concurrency": levels, "cache_fraction": fraction})
     t = Table(title=f"moed bench --concurrency: {Path(model).name}, cache {fraction}")
-    for c in ("sampling", "streams", "aggregate tok/s", "x 1 stream", "per-stream tok/s", "hit rate", "wall s"):
+    for c in ("sampling", "streams", "aggregate tok/s", "x 1 stream", "experts/token/layer", "bound tok/s",
+              "x bound", "per-stream tok/s", "hit rate", "wall s"):
         t.add_column(c, justify="right")
     for r in runs:
         t.add_row(r["sampling"], str(r["concurrency"]), f"{r['aggregate_decode_tps']:.2f}",
-                  f"{r['aggregate_ratio_vs_1']:.2f}",
+                  f"{r['aggregate_ratio_vs_1']:.2f}", f"{r['distinct_experts_per_token']:.2f}",
+                  f"{r['bound_aggregate_tps']:.2f}", f"{r['aggregate_over_bound']:.2f}",
                   f"{sum(s['decode_tps'] for s in r['streams']) / r['concurrency']:.2f}",
                   f"{r['hit_rate']:.1%}", f"{r['wall_s']:.1f}")
     from rich.console import Console
@@ -518,7 +541,8 @@ def main(a) -> int:
     fractions = [float(f) for f in str(a.cache_fractions).split(",") if f]
     samplings = [s for s in a.sampling.split(",") if s]
     base = {"model": model, "max_tokens": a.max_tokens, "prompt_tokens": a.prompt_tokens, "seed": 0,
-            "paging": PagingConfig.from_args(a).as_dict()}  # --workers, --dtype; each run sets the rest
+            # --workers, --dtype; each run sets the rest; no warm start: a run must not depend on the last ones
+            "paging": {**PagingConfig.from_args(a).as_dict(), "warm_start": False}}
     if getattr(a, "routing", None):
         base["routing"] = str(Path(a.routing).resolve())
         console.print(f"[bold yellow]--routing {a.routing}[/]: moed's experts come from the trace, so its tokens "

@@ -43,11 +43,13 @@ class Plan:
     context: int
     rest_bytes: int
     ram_bytes: int
+    prompt_cache_bytes: int = 0  # the in-memory prompt cache's bound (--prompt-cache-gb, else its default)
     forecast: dict = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
-        return self.non_expert_bytes + self.cache_bytes + self.staging_bytes + self.kv_bytes + self.rest_bytes
+        return (self.non_expert_bytes + self.cache_bytes + self.staging_bytes + self.kv_bytes + self.rest_bytes
+                + self.prompt_cache_bytes)
 
     @property
     def fits(self) -> bool:
@@ -62,6 +64,7 @@ class Plan:
                  f"{self.slots_per_layer[0]} of {self.experts_per_layer} experts x {self.moe_layers} layers"),
                 ("staging (shared memory)", self.staging_bytes, "the largest layer's misses at once"),
                 ("KV cache", self.kv_bytes, f"{self.context} tokens"),
+                ("prompt cache", self.prompt_cache_bytes, "reusable prompt prefixes (--prompt-cache-gb)"),
                 ("the rest", self.rest_bytes, "Python, MLX buffer cache, I/O workers")]
 
 
@@ -105,16 +108,18 @@ def _kv_bytes(ck: Checkpoint, context: int, act_bytes: int) -> int:
 
 
 def make_plan(model: str | Path | Checkpoint, paging: PagingConfig | None = None, *, context: int | None = None,
-              ram_gb: float | None = None, **options: Any) -> Plan:
+              ram_gb: float | None = None, prompt_cache_gb: float | None = None, **options: Any) -> Plan:
     """The memory a configuration needs, from the headers only (pass a Checkpoint to read them once).
 
     `paging` (and `options`, PagingConfig fields set over it) as `load_paged` takes them; the
-    fields that size the cache count (PagingConfig.sizing()), and lookahead's staging when set.
+    fields that size the cache count (PagingConfig.sizing()), and lookahead's staging when set;
+    `prompt_cache_gb` None: the prompt cache the daemon would size itself (prompt_cache.default_bytes).
     """
     from moed.daemon.engine.budget import auto_lookahead, cached_expert_nbytes, slots_per_layer, staging_bytes
     from moed.daemon.engine.checkpoint import top_k_of
     from moed.daemon.engine.core import context_length
     from moed.daemon.engine.loader import DTYPES
+    from moed.daemon.engine.prompt_cache import default_bytes
 
     paging = replace(paging or PagingConfig(), **options)
     ck = model if isinstance(model, Checkpoint) else read_checkpoint(model)
@@ -136,10 +141,13 @@ def make_plan(model: str | Path | Checkpoint, paging: PagingConfig | None = None
             non_expert += info.nbytes
     context = context or context_length(config)
     ahead = auto_lookahead(slots, layers) if paging.lookahead is None else paging.lookahead
+    cache_bytes = sum(n * p for n, p in zip(slots, per))
+    prompt_cache = int(prompt_cache_gb * 1e9) if prompt_cache_gb is not None else default_bytes(
+        non_expert + cache_bytes, int(ram_gb * 1e9) if ram_gb else None)
     return Plan(model=str(path), moe_layers=len(layers), experts_per_layer=layers[0].num_experts, top_k=k,
                 slots_per_layer=slots, expert_nbytes=per[0], non_expert_bytes=non_expert,
                 expert_bytes=sum(layer.expert_nbytes * layer.num_experts for layer in layers),
-                cache_bytes=sum(n * p for n, p in zip(slots, per)),
+                cache_bytes=cache_bytes, prompt_cache_bytes=prompt_cache,
                 staging_bytes=staging_bytes(slots, layers, k, ahead),
                 kv_bytes=_kv_bytes(ck, context, float_bytes), context=context,
                 rest_bytes=RUNTIME_BYTES + paging.workers * WORKER_BYTES,

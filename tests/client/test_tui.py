@@ -444,3 +444,23 @@ def test_top_live_in_tmux():
         _wait_gone(pids, 15)
         shutil.rmtree(runtime, ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
+
+
+PROMPT_CACHE = {"entries": 3, "bytes": 12_500_000, "max_bytes": 256_000_000, "lookups": 7, "hits": 5,
+                "hit_tokens": 4_096, "looked_up_tokens": 6_000, "disk_dir": "/tmp/pc", "disk_entries": 2,
+                "disk_bytes": 8_000_000, "disk_hits": 1, "disk_refused": 0}
+
+
+def test_prompt_cache_shown_in_top_and_ps():
+    from moed.client.ps import ps_view
+
+    s = dict(_busy(), prompt_cache=PROMPT_CACHE)
+    mem = _text(dash.memory_panel(_view(s), 120), width=120)
+    assert "prompt cache 3 entries, 12.5 MB of 256 MB, 4,096 tokens reused; disk 8 MB" in mem
+    ps = _text(ps_view(typed(s)), width=200)
+    row = next(line for line in ps.splitlines() if "prompt cache" in line)
+    assert "3 entries, 12.5 MB of 256.0 MB, 4,096 of 6,000 prompt tokens reused (5/7 requests)" in row
+    assert "disk 2 entries, 8.0 MB, 1 hits (/tmp/pc)" in row
+    assert "prompt cache" not in _text(dash.memory_panel(_view(_busy()), 120), width=120)  # off: nothing
+    assert "off" in next(line for line in _text(ps_view(typed(_busy())), width=200).splitlines()
+                         if "prompt cache" in line)

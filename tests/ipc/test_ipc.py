@@ -297,3 +297,33 @@ def test_ipc_endpoint_paths_stay_short(tmp_path):
     assert len(ep) - len("ipc://") <= runtime.MAX_SOCKET_PATH
     assert runtime.endpoint_path(ep).parent.name == f"moed-{os.getuid()}"
     assert runtime.endpoint_path("tcp://127.0.0.1:5555") is None
+
+
+# --- protocol version ---------------------------------------------------------------------------
+
+
+def test_a_changed_message_needs_a_new_protocol_version():
+    from moed.ipc.messages import PROTOCOL_VERSION, SCHEMA, schema_fingerprint
+
+    assert schema_fingerprint() == SCHEMA, (
+        f"a message or status dataclass changed: bump PROTOCOL_VERSION (now {PROTOCOL_VERSION}) and set "
+        f"SCHEMA = {schema_fingerprint()!r} in ipc/messages.py")
+
+
+def test_a_client_refuses_a_daemon_of_another_protocol_version(tmp_path, monkeypatch):
+    """A real Frontend that answers as a daemon of the previous version would: the client says so at
+    connect instead of waiting forever for answers it cannot read."""
+    from moed.client.client import Client, ProtocolMismatch
+    from moed.daemon.service import frontend as fe
+    from moed.ipc.connection import daemon_files, write_connection
+    from moed.ipc.messages import PROTOCOL_VERSION, Welcome
+
+    monkeypatch.setattr(fe, "Welcome", lambda model, pid: Welcome(model, pid, version=PROTOCOL_VERSION - 1))
+    files = daemon_files(tmp_path / "rt")
+    front = fe.Frontend(files.endpoint, "tok", "m", lambda: None).start()
+    try:
+        write_connection(files, {"endpoint": files.endpoint, "token": "tok", "pid": os.getpid()})
+        with pytest.raises(ProtocolMismatch, match=f"protocol {PROTOCOL_VERSION - 1}, this client {PROTOCOL_VERSION}"):
+            Client(str(tmp_path / "rt"))
+    finally:
+        front.close()

@@ -314,6 +314,10 @@ def test_health_and_metrics(daemon):
             assert int(rows["moed_requests_total"]) >= before.requests + 1
             assert int(rows["moed_generated_tokens_total"]) >= before.completion_tokens + 3
             assert int(rows["moed_cache_budget_bytes"]) > 0 and int(rows["moed_resident_memory_bytes"]) > 0
+            # the prompt cache keeps that prompt's prefix (entries, bytes within the bound)
+            assert int(rows["moed_prompt_cache_entries"]) >= 1
+            assert 0 < int(rows["moed_prompt_cache_bytes"]) <= int(rows["moed_prompt_cache_max_bytes"])
+            assert int(rows["moed_prompt_cache_hit_tokens_total"]) >= 0
             assert all(f"# TYPE {name} " in r.text for name in rows)
 
     run(go())

@@ -48,3 +48,16 @@ def test_configurations_that_do_not_fit_are_refused(tiny_model, tmp_path):
     start = moed(small, "start", "--model", model, check=False)
     assert start.returncode == 1 and "needs" in start.stderr + start.stdout
     assert not (tmp_path / "rt" / "daemon.json").exists()
+
+
+def test_plan_counts_the_prompt_cache(tiny_model):
+    from moed.daemon.engine.prompt_cache import default_bytes
+
+    model = tiny_model("qwen3_moe")
+    given = make_plan(model, cache_fraction=0.5, context=256, prompt_cache_gb=0.5, ram_gb=8)
+    off = make_plan(model, cache_fraction=0.5, context=256, prompt_cache_gb=0, ram_gb=8)
+    assert given.prompt_cache_bytes == 500_000_000 and off.prompt_cache_bytes == 0
+    assert given.total_bytes - off.total_bytes == 500_000_000
+    assert "prompt cache" in [name for name, *_ in given.lines()]
+    auto = make_plan(model, cache_fraction=0.5, context=256, ram_gb=8)  # what the daemon sizes itself
+    assert auto.prompt_cache_bytes == default_bytes(auto.non_expert_bytes + auto.cache_bytes, 8_000_000_000)
