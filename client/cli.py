@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="no forecast (skip measuring this machine's compute and disk)")
     pl.add_argument("--json", action="store_true")
     PagingConfig.add_args(pl, only=PagingConfig.sizing())  # and refuses the flags it would ignore
-    ServingConfig.add_args(pl, only=["prompt_cache_gb"])
+    ServingConfig.add_args(pl, only=["prompt_cache_gb", "max_batch", "prefill_chunk"])
     pl.set_defaults(fn=engine_verb("plan"))
 
     pk = sub.add_parser("pack", help="repack the experts into page-aligned records (one read per expert)")
@@ -207,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grammar: the grammar's cost per token at batch 1 and 4 (first cache fraction, --repeat); "
                    "warm-start: the cache's hit rate over the first --max-tokens, cold versus warm-started; "
                    "chat, agent, contention: moed's HTTP API next to mlx_lm.server's (daemon/tools/servebench.py)")
-    b.add_argument("--prefill-chunks", help="--workload contention: comma list of moed --prefill-chunk values "
-                   "(default 64,128,256,512)")
+    b.add_argument("--prefill-chunks", help="--workload contention: comma list of moed --prefill-chunk values, "
+                   "each CHUNK or CHUNK:BUDGET (with --prefill-budget BUDGET) (default 64,128,256,512)")
     b.set_defaults(fn=engine_verb("bench"))
 
     for name, fn, hlp in (("start", cmd_start, "start the daemon in the background and wait until it serves"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Group
+from rich.markup import escape
 from rich.table import Table
 
 from moed.ipc.messages import DaemonStatus, IoStatus
@@ -37,6 +38,15 @@ def prompt_cache_row(s: DaemonStatus) -> str:
     return row
 
 
+def state_row(s: DaemonStatus) -> str:
+    """The state and, unless ready, its phase; degraded (loaded, cannot serve now) in red with its reason."""
+    if s.state == "ready":
+        return "ready"
+    if s.state == "degraded":
+        return f"[bold red]degraded[/] - {escape(s.progress.phase)}"
+    return escape(f"{s.state} - {s.progress.phase}")
+
+
 def overview_table(s: DaemonStatus) -> Table:
     t = Table(title="moed", show_header=False, title_justify="left")
     t.add_column("", style="bold")
@@ -49,7 +59,7 @@ def overview_table(s: DaemonStatus) -> Table:
                      f"{used:.0%} of slots filled, hit rate {cache.hit_rate:.1%}")
     rows = [
         ("model", model),
-        ("state", s.state + ("" if s.state == "ready" else f" - {s.progress.phase}")),
+        ("state", state_row(s)),
         ("daemon", f"pid {s.pid}, up {s.uptime_s:.0f} s, RSS {mb(s.rss_bytes)}"),
         ("cache", cache_row if cache is not None else "-"),
         ("disk", f"{mb(cache.bytes_read if cache else None)} read" + _read_mode(s.io)),

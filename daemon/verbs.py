@@ -50,8 +50,9 @@ def cmd_plan(a: argparse.Namespace) -> int:
     ck = read_checkpoint(a.model)
     from moed.ipc.config import ServingConfig
 
-    plan_for = partial(make_plan, ck, context=a.context, ram_gb=a.ram,
-                       prompt_cache_gb=ServingConfig.from_args(a).prompt_cache_gb)
+    serving = ServingConfig.from_args(a)
+    plan_for = partial(make_plan, ck, context=a.context, ram_gb=a.ram, prompt_cache_gb=serving.prompt_cache_gb,
+                       max_batch=serving.max_batch, prefill_chunk=serving.prefill_chunk)
     plan = plan_for(paging)
     profile = measure_profile(ck, dtype=paging.dtype) if a.measure else None
     fits_at = largest_fraction(lambda f: plan_for(replace(paging, cache_fraction=f, cache_gb=None)), plan.ram_bytes)

@@ -196,9 +196,13 @@ class ServingConfig(Options):
         32, "--max-client-requests", "requests one client may have running or queued; past it they are rejected "
         "(default 32; the HTTP API is one client: its requests count together)", type=int,
         valid=(lambda v: v >= 1, "must be at least 1"))
-    prefill_chunk: int = _option(  # chosen by the contention bench (README "Serving: chats, agents, a second app")
-        64, "--prefill-chunk", "prompt tokens prefilled per engine step, between the running streams' decode "
-        "steps (default 64)", type=int, valid=(lambda v: v >= 1, "must be at least 1"))
+    prefill_chunk: int = _option(  # with nothing decoding a chunk costs no one a gap: the largest that bounds memory
+        512, "--prefill-chunk", "prompt tokens prefilled per engine step with nothing else decoding, and the most "
+        "per step while streams decode (default 512)", type=int, valid=(lambda v: v >= 1, "must be at least 1"))
+    prefill_budget: float = _option(  # chosen by the contention bench (README "Serving: chats, agents, a second app")
+        3.0, "--prefill-budget", "while streams decode, each step prefills for at most this many times its decode "
+        "time (measured as the engine runs; default 3; 0: always --prefill-chunk tokens)", type=float,
+        valid=(lambda v: 0 <= v < math.inf, "must be a number >= 0"))
     prompt_cache_gb: float | None = _option(
         None, "--prompt-cache-gb", "memory for reusable prompt prefixes (KV and recurrent state); 0 turns the "
         "prompt cache off (default: sized by `moed plan`)", type=float,
@@ -207,6 +211,11 @@ class ServingConfig(Options):
         None, "--prompt-cache-dir", "keep long prompt prefixes on disk here, across restarts", type=str)
     prompt_cache_disk_gb: float = _option(
         8.0, "--prompt-cache-disk-gb", "disk for --prompt-cache-dir (default 8)", type=float,
+        valid=(lambda v: 0 < v < math.inf, "must be a positive number of GB"))
+    kv_budget_gb: float | None = _option(  # daemon/engine/admission.py
+        None, "--kv-budget-gb", "memory for running requests' KV cache and prefill activations: a request that "
+        "does not fit waits for running ones to finish, one that never could is rejected (default: what is "
+        "available once the model is loaded, less the prompt cache and the runtime)", type=float,
         valid=(lambda v: 0 < v < math.inf, "must be a positive number of GB"))
     keep_alive: float = _option(
         math.inf, "--keep-alive", "release the model's memory after this long idle, e.g. 5m (default: never); "

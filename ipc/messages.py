@@ -18,14 +18,14 @@ ranks of a model split across processes or hosts (carried by mx.distributed, see
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Callable, TypeVar
 
 # Bump PROTOCOL_VERSION whenever a message changes, and set SCHEMA to the new schema_fingerprint()
 # (tests/ipc/test_ipc.py fails until both are done): a client then refuses a daemon of another
 # version at connect (ProtocolMismatch) instead of waiting for answers it cannot read.
-PROTOCOL_VERSION = 2
-SCHEMA = "143101f6b4e9f6e4"
+PROTOCOL_VERSION = 3
+SCHEMA = "f2265062e114aa53"
 
 T = TypeVar("T")
 
@@ -71,6 +71,7 @@ class Configure:
     shm_size: int
     direct: bool = False  # bypass the page cache: O_DIRECT (Linux) / F_NOCACHE (macOS)
     queue_depth: int = 4  # reads a worker keeps in flight
+    pins: list[list[int]] = field(default_factory=list)  # per file, its identity at load (workers/reader.py)
 
 
 @message(0x03)
@@ -374,7 +375,7 @@ class DaemonStatus(EngineStatus):
     the daemon's own. While it loads there are no requests and the counters are 0; `checkpoint`,
     `cache`, `io`, `heat` and `memory` are None until it is loaded."""
 
-    state: str  # "starting" | "loading" | "ready" | "stopping"
+    state: str  # "starting" | "loading" | "ready" | "degraded" (why: progress.phase) | "stopping"
     progress: LoadProgress
     pid: int
     uptime_s: float
@@ -392,7 +393,7 @@ class DaemonStatus(EngineStatus):
 
     @property
     def loaded(self) -> bool:
-        return self.state == "ready" and self.cache is not None
+        return self.state in ("ready", "degraded") and self.cache is not None
 
 
 # --- between ranks ------------------------------------------------------------------------------

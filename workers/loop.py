@@ -48,10 +48,10 @@ class IOService:
     def configure(self, msg: Configure) -> None:
         self._detach()
         if (self.reader is None or self.reader.paths != msg.files or self.reader.depth != msg.queue_depth
-                or self.reader.direct != msg.direct):
+                or self.reader.direct != msg.direct or self.reader.pins != [list(p) for p in msg.pins]):
             if self.reader is not None:
                 self.reader.close()
-            self.reader = Reader(msg.files, msg.queue_depth, msg.direct)
+            self.reader = Reader(msg.files, msg.queue_depth, msg.direct, msg.pins)
         self.error = None
         try:
             self.segment = shm.attach(msg.shm_name)

@@ -7,6 +7,12 @@ With `direct`, files bypass the page cache (O_DIRECT on Linux, F_NOCACHE on macO
 read as its block-aligned envelope into a page-aligned bounce buffer and copied out (O_DIRECT needs
 aligned addresses, offsets and lengths); a file system that refuses O_DIRECT falls back to buffered.
 Failures never raise: read() returns the bytes read and an error string naming the file and offset.
+
+Pins: the daemon takes each file's identity (device, inode, size, mtime, ctime) when it loads and
+every worker checks it, at open and before each read of the file, so a file replaced (a respawned
+worker would open the new one) or rewritten in place (same inode, new ctime) under a running daemon
+fails the reads that need it with an error naming it, never mixes new experts with the loaded weights.
+A write racing a read between the check and the read is not caught (the pack's checksums are).
 """
 from __future__ import annotations
 
@@ -29,6 +35,19 @@ try:
     IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 except (AttributeError, ValueError, OSError):
     IOV_MAX = 16
+
+
+Pin = list[int]  # (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)
+
+
+def pin_of(path_or_fd) -> Pin:
+    """A file's identity: any write, replacement or truncation changes it."""
+    st = os.stat(path_or_fd)
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+class FileChanged(OSError):
+    pass
 
 
 @dataclass(slots=True)
@@ -90,8 +109,10 @@ class ShortRead(Exception):
 class Reader:
     """Reads items of a fixed list of files; descriptors are opened on first use and kept."""
 
-    def __init__(self, paths: list[str], depth: int = QUEUE_DEPTH, direct: bool = False):
+    def __init__(self, paths: list[str], depth: int = QUEUE_DEPTH, direct: bool = False,
+                 pins: list[Pin] | None = None):
         self.paths = list(paths)
+        self.pins = [list(p) for p in pins] if pins else []  # empty: not pinned
         self.depth = depth
         self.direct = direct
         self._fds: dict[int, int] = {}
@@ -119,7 +140,7 @@ class Reader:
         """Start filling `buf` from the items' ranges and return at once: what the page cache
         holds is copied before returning, the rest is read by up to `depth` threads, which call
         `on_done` (from their thread) as each run completes. `progress` runs in this thread."""
-        if (error := self._check(buf, items)) is not None:
+        if (error := self._check(buf, items) or self._check_pins({i[0] for i in items})) is not None:
             return Job(0, {}, error)
         runs = plan(items)
         done = 0
@@ -190,6 +211,25 @@ class Reader:
                         f"buf_offset={dst} (buffer is {len(buf)} bytes)")
         return None
 
+    def _check_pins(self, file_idxs: set[int]) -> str | None:
+        """None, or an error naming the first file that changed since the daemon pinned it."""
+        if not self.pins:
+            return None
+        try:
+            for i in sorted(file_idxs):
+                self._verify(i, self._fd(i))
+        except OSError as e:
+            return str(e) if isinstance(e, FileChanged) else f"{self.paths[i]}: {e.strerror or e}"
+        return None
+
+    def _verify(self, file_idx: int, fd: int) -> None:
+        now, was = pin_of(fd), self.pins[file_idx]
+        if now != was:
+            what = ("replaced (another inode)" if now[:2] != was[:2] else
+                    f"resized ({was[2]} -> {now[2]} bytes)" if now[2] != was[2] else "rewritten (its times changed)")
+            raise FileChanged(f"{self.paths[file_idx]}: {what} since the daemon loaded it; its experts would "
+                              f"not match the loaded weights (restart the daemon: moed stop; moed start)")
+
     def _fd(self, file_idx: int) -> int:
         with self._lock:
             fd = self._fds.get(file_idx)
@@ -199,6 +239,12 @@ class Reader:
 
     def _open(self, file_idx: int) -> int:
         fd, aligned = open_file(self.paths[file_idx], self.direct)
+        if self.pins:
+            try:
+                self._verify(file_idx, fd)
+            except OSError:
+                os.close(fd)
+                raise
         if aligned:
             self._aligned.add(file_idx)
         return fd

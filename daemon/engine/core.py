@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from mlx_lm.generate import BatchGenerator
 
 from moed.daemon.engine import sampling
+from moed.daemon.engine.admission import Admission
+from moed.daemon.engine.pacer import PrefillPacer
 from moed.daemon.engine.prompt_cache import PromptCache
 from moed.ipc.messages import EngineStatus, Error, Finished, Generate, RequestStatus, Token, Totals
 
@@ -36,7 +38,8 @@ class StepFailed(RuntimeError):
 
 class RequestRejected(Exception):
     """A request the core will not run; `code` is "rejected" (load), "bad_request" (input) or
-    "context_length_exceeded" (prompt + max_tokens beyond the model's context)."""
+    "context_length_exceeded" (prompt + max_tokens beyond the model's context, or beyond the memory
+    budget for requests even with nothing else running: admission.py)."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -53,6 +56,7 @@ class Request:
     logprobs: int = -1  # as Generate.logprobs
     cache_prompt: bool = True
     cached: int = 0  # prompt tokens taken from the prompt cache
+    pending: tuple | None = None  # (sampler, processors, checkpoints) while it waits for memory (uid -1)
     kinds: list[str] = field(default_factory=list)  # the prompt cache kind of each checkpoint still ahead
     uid: int = -1
     detok: object = None
@@ -81,22 +85,32 @@ class EngineCore:
         max_batch: sequences decoded together in one step.
         max_queue: admitted requests (running + waiting) beyond which new ones are rejected.
         context: the model's context length (prompt + completion must fit).
-        prefill_chunk: prompt tokens prefilled per step, between the running streams' decode steps.
+        prefill_chunk: prompt tokens prefilled per step with nothing decoding, and the most per step
+            while streams decode (then the pacer sizes the chunk by time: daemon/engine/pacer.py).
+        prefill_budget: a step's prefill while streams decode, in their decode steps (pacer.py); 0
+            keeps every chunk at `prefill_chunk`, as must a model split across ranks (every rank
+            must cut its prompts alike, and their timings differ).
         prompt_cache: reusable prefixes (None: every prompt is prefilled whole).
         vocab_size: the model's (logit_bias ids are checked against it).
+        admission: memory for requests' KV cache and prefill (admission.py): one that does not fit
+            waits, in order, until running ones finish; None: every request starts at once.
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 32, context: int = 4096,
-                 prefill_chunk: int = 2048, prompt_cache: PromptCache | None = None, vocab_size: int | None = None):
+                 prefill_chunk: int = 2048, prompt_cache: PromptCache | None = None, vocab_size: int | None = None,
+                 prefill_budget: float = 3.0, admission: Admission | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.max_queue, self.context = max_queue, context
         self.eos = set(tokenizer.eos_token_ids)
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.prompt_cache = prompt_cache
+        self.pacer = PrefillPacer(prefill_chunk, prefill_budget) if prefill_budget > 0 else None
         self.vocab_size = vocab_size or len(tokenizer._tokenizer)
         self.gen = self._new_generator()
         self.requests: dict[str, Request] = {}
         self.by_uid: dict[int, Request] = {}
+        self.admission = admission
+        self.waiting: deque[Request] = deque()  # admitted, in self.requests, not yet in the generator
         self.decoded: deque[tuple[float, int]] = deque()  # (time, tokens) per step, for tok/s
         self.totals = {"requests": 0, "completed": 0, "rejected": 0, "aborted": 0,
                        "prompt_tokens": 0, "completion_tokens": 0, "generated_tokens": 0, "peak_active": 0}
@@ -178,6 +192,8 @@ class EngineCore:
             raise RequestRejected("context_length_exceeded",
                                   f"prompt of {len(ids)} tokens + max_tokens {g.max_tokens} exceeds the model's "
                                   f"context of {self.context} tokens (at most {self.context - len(ids)} new tokens)")
+        if self.admission is not None and (why := self.admission.never_fits(len(ids), g.max_tokens)):
+            raise RequestRejected("context_length_exceeded", why)
         try:
             sampler, processors = sampling.make(g), sampling.processors(g, self.tokenizer)
         except sampling.BadSampling as e:
@@ -185,25 +201,45 @@ class EngineCore:
         req = Request(g.req_id, client, ids, g.max_tokens, list(g.stop or []), logprobs=g.logprobs,
                       cache_prompt=g.cache_prompt and self.prompt_cache is not None)
         req.detok = self.tokenizer.detokenizer
-        cache = None
+        if self.admission is not None and (self.waiting or not self.admission.fits(len(ids), req.max_tokens)):
+            req.pending = (sampler, processors, checkpoints)  # behind the ones waiting: in order, none starves
+            self.waiting.append(req)
+        else:
+            self._start(req, sampler, processors, checkpoints)
+        self.requests[req.req_id] = req
+        self.totals["requests"] += 1
+        self.totals["prompt_tokens"] += len(ids)
+        self.totals["peak_active"] = max(self.totals["peak_active"], len(self.requests))
+
+    def _start(self, req: Request, sampler, processors, checkpoints: list[tuple[int, str]]) -> None:
+        """Put an admitted request into the generator (its memory reserved)."""
+        ids, cache = req.prompt_ids, None
         if req.cache_prompt:
             cache, req.cached = self.prompt_cache.fetch(ids)
         segments, req.kinds = _segments(ids, req.cached, checkpoints) if req.cache_prompt else ([ids], [])
         (req.uid,) = self.gen.insert_segments([segments], max_tokens=[req.max_tokens], caches=[cache],
                                               all_tokens=[ids[:req.cached]], samplers=[sampler],
                                               logits_processors=[processors])
-        self.requests[req.req_id] = req
         self.by_uid[req.uid] = req
-        self.totals["requests"] += 1
-        self.totals["prompt_tokens"] += len(ids)
-        self.totals["peak_active"] = max(self.totals["peak_active"], len(self.requests))
+        if self.admission is not None:
+            self.admission.reserve(req.req_id, len(ids), req.max_tokens)
+
+    def _start_waiting(self) -> None:
+        """Start the waiting requests, in order, while the first fits the memory left."""
+        while self.waiting and self.admission.fits(len(self.waiting[0].prompt_ids), self.waiting[0].max_tokens):
+            req = self.waiting.popleft()
+            pending, req.pending = req.pending, None
+            self._start(req, *pending)
 
     def abort(self, req_id: str, reason: str = "abort") -> list:
         """Stop a request; returns its Finished event (nothing if unknown)."""
         req = self.requests.get(req_id)
         if req is None:
             return []
-        self.gen.remove([req.uid])
+        if req.pending is not None:
+            self.waiting.remove(req)
+        else:
+            self.gen.remove([req.uid])
         self.totals["aborted"] += reason == "abort"
         return [self._finish(req, reason)]
 
@@ -227,10 +263,18 @@ class EngineCore:
     def try_step(self) -> list:
         """Like step(), but a failed step raises StepFailed (a split model's ranks must all stop).
 
-        One step is one decode step of the running sequences and one chunk (`prefill_chunk` tokens)
-        of the prompts being prefilled, so a long prompt never stalls the streams for long."""
+        One step is one decode step of the running sequences and one chunk of the prompts being
+        prefilled (sized by the pacer), so a long prompt never stalls the streams for long."""
         try:
-            prompt_responses, responses = self.gen.next()
+            if self.waiting:
+                self._start_waiting()
+            if self.pacer is None:
+                prompt_responses, responses = self.gen.next()
+            else:
+                self.gen.prefill_step_size = self.pacer.chunk(any(r.t_first for r in self.requests.values()))
+                with self.gen.stats() as stats:
+                    prompt_responses, responses = self.gen.next()
+                self.pacer.observe(stats)
             self._checkpoint(prompt_responses)
         except Exception as e:
             # users get the short typed error; the log keeps the cause
@@ -260,6 +304,8 @@ class EngineCore:
         token, finish = r.token, r.finish_reason
         if not req.tokens:
             req.t_first = now
+            if self.admission is not None:
+                self.admission.prefilled(req.req_id)
         if finish and req.cache_prompt and r.prompt_cache is not None:
             self.prompt_cache.insert(list(r.all_tokens), r.prompt_cache, "assistant")
         if finish == "stop" and token in self.eos:
@@ -309,6 +355,8 @@ class EngineCore:
     def _finish(self, req: Request, reason: str) -> Finished:
         del self.requests[req.req_id]
         self.by_uid.pop(req.uid, None)
+        if self.admission is not None:
+            self.admission.release(req.req_id)
         n = len(req.tokens)
         self.totals["completed"] += reason in ("stop", "length")
         self.totals["completion_tokens"] += n
@@ -319,11 +367,16 @@ class EngineCore:
                         stop_sequence=req.stop_sequence)
 
     def _fail_all(self, exc: Exception) -> list:
-        """A step failed: fail the requests in it, start a fresh generator, keep serving."""
-        events = [Error(req.req_id, "internal", f"generation failed: {exc}") for req in self.requests.values()]
+        """A step failed: fail the requests in it, start a fresh generator, keep serving (the ones
+        waiting for memory were not in it: they wait on)."""
+        failed = [req for req in self.requests.values() if req.pending is None]
+        events = [Error(req.req_id, "internal", f"generation failed: {exc}") for req in failed]
         self.totals["failed"] = self.totals.get("failed", 0) + len(events)
-        self.requests.clear()
+        for req in failed:
+            del self.requests[req.req_id]
         self.by_uid.clear()
+        if self.admission is not None:
+            self.admission.clear()
         self.gen = self._new_generator()
         return events
 
@@ -352,7 +405,7 @@ class EngineCore:
             dt = now - r.t_first if r.t_first else 0.0
             reqs.append(RequestStatus(id=r.req_id, client=r.client, prompt_tokens=len(r.prompt_ids),
                                       tokens=len(r.tokens), max_tokens=r.max_tokens,
-                                      state="decoding" if r.tokens else "prefill",
+                                      state="decoding" if r.tokens else "waiting" if r.pending else "prefill",
                                       tps=(len(r.tokens) - 1) / dt if len(r.tokens) > 1 and dt > 0 else 0.0,
                                       age_s=now - r.t_arrival))
         return EngineStatus(requests=reqs, decode_tps=self.decode_tps(), prefill_tps=self.prefill_tps(),

@@ -11,13 +11,18 @@ submit() + wait() split the two halves: up to MAX_UNWAITED submissions may be in
 every worker handles its Reads in order.
 
 Liveness, as in the ZeroMQ guide's Paranoid Pirate: any message from a worker resets its clock;
-a worker with a Read outstanding that stays silent for `liveness` heartbeat intervals is killed.
+a worker with a Read outstanding that stays silent for `liveness` heartbeat intervals is killed
+(an idle one after twice that).
 An exited worker is noticed by Popen.poll() within DEATH_CHECK_S (at once if sending to it fails);
 between reads the owner calls poll() (the daemon's loop does, a few times a second even when idle),
 so a worker that dies while nothing is read is reaped and replaced too, not left a zombie.
 Either way the slot gets a new process and the outstanding Read is sent again, so read() still
 returns correct bytes. A slot that fails MAX_RESTARTS times within one read() raises WorkerError
-and closes the fetcher. A failed read (EOF, I/O error) raises ReadError; the fetcher stays usable.
+(naming the cause): every worker is killed, the reads in flight fail, and the fetcher is down for a
+backoff (BACKOFF_S, doubling to BACKOFF_MAX_S, back to BACKOFF_S after a read succeeds); reads
+submitted meanwhile raise WorkerError at once, then the next poll() or submit() respawns every slot.
+`failure` says why while it cannot serve. A failed read (EOF, I/O error) raises ReadError; the
+fetcher stays usable.
 
 No MLX here: this module can run in any process. Not thread-safe: one thread calls read().
 """
@@ -39,7 +44,7 @@ from moed.ipc import shm
 from moed.ipc.codec import ProtocolError, decode, encode
 from moed.ipc.messages import PROTOCOL_VERSION, Configure, Read, ReadDone, Ready, Shutdown
 from moed.ipc.runtime import endpoint_path, ipc_endpoint, remove_endpoint, remove_stale_endpoints, restrict_socket
-from moed.workers.reader import QUEUE_DEPTH
+from moed.workers.reader import QUEUE_DEPTH, pin_of
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,8 @@ DEATH_CHECK_S = 0.05  # how often a waiting read() looks for exited workers (Pop
 MAX_RESTARTS = 3  # per worker slot within one read()
 MAX_UNWAITED = 2  # submissions in flight; one more drops the oldest (its wait() raises)
 SHUTDOWN_GRACE = 2.0  # seconds a worker gets to exit after Shutdown before SIGKILL
+BACKOFF_S = 0.5  # down this long after the workers kept failing; doubles each time, up to BACKOFF_MAX_S
+BACKOFF_MAX_S = 10.0
 
 Range = tuple[int, int, int]  # (file_idx, file_offset, length)
 
@@ -60,7 +67,7 @@ class FetchError(RuntimeError):
 
 
 class WorkerError(FetchError):
-    """Workers could not be started or kept alive; the fetcher is closed."""
+    """Workers could not be started or kept alive; the fetcher is down for a backoff (closed if start() failed)."""
 
 
 class ReadError(FetchError):
@@ -85,6 +92,7 @@ class Ticket:
     req_ids: set[int] = field(default_factory=set)  # its Reads still outstanding
     done: list = field(default_factory=list)  # (worker slot, ReadDone)
     dropped: bool = False
+    failed: str | None = None  # why, when the workers gave up with it in flight
 
 
 @dataclass
@@ -172,6 +180,10 @@ class Fetcher:
         if workers < 1 or staging_bytes < 1:
             raise ValueError("need at least one worker and one byte of staging")
         self.files = [os.path.abspath(os.fspath(f)) for f in files]
+        try:
+            self.pins = [pin_of(f) for f in self.files]  # what the workers check each file against
+        except OSError as e:
+            raise ReadError([f"{e.filename}: {e.strerror}"]) from e
         self.n_workers = workers
         self.runtime_dir = runtime_dir
         self.heartbeat_s = heartbeat_s
@@ -190,6 +202,10 @@ class Fetcher:
         self._tickets: list[Ticket] = []  # submitted, not yet waited, oldest first
         self._owner: dict[int, Ticket] = {}  # req_id -> ticket, for Reads in flight
         self._next_check = 0.0  # monotonic time of the next exited-worker check
+        self._failure: str | None = None  # why the workers last gave up; cleared once all are Ready again
+        self._down = False  # workers killed after giving up; respawned at _retry_at
+        self._retry_at = 0.0
+        self._backoff = BACKOFF_S
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -243,15 +259,33 @@ class Fetcher:
         """Between reads: handle what the workers sent (Ready, heartbeats) and replace exited or
         silent workers, reaping the dead. Never blocks; call it from the thread that reads (the
         daemon's loop calls it a few times a second). A slot that keeps dying (MAX_RESTARTS times
-        since the last read) raises WorkerError and closes the fetcher."""
+        since the last read) raises WorkerError and takes the fetcher down for a backoff; the first
+        poll() after it respawns the workers."""
         if self._closed or self._res is None:
             return
         try:
+            if self._down:
+                if time.monotonic() >= self._retry_at:
+                    self._heal()
+                return
             self._pump(block=False)
             self._check_liveness()
-        except WorkerError:
-            self.close()
+        except WorkerError as e:
+            self._give_up(e)
             raise
+
+    @property
+    def failure(self) -> str | None:
+        """Why the fetcher cannot serve now (workers kept failing: down for a backoff, or respawned
+        and not all Ready yet); None when it can."""
+        if self._closed:
+            return "fetcher is closed"
+        if self._failure is None:
+            return None
+        if self._down:
+            wait = max(0.0, self._retry_at - time.monotonic())
+            return f"I/O workers failing ({self._failure}); restarting them in {wait:.1f}s"
+        return f"I/O workers restarting after: {self._failure}"
 
     @property
     def pids(self) -> list[int]:
@@ -301,20 +335,22 @@ class Fetcher:
             self._tickets.append(ticket)
             if items:
                 self._send_plan(ticket, self._assign(items, total))
-        except WorkerError:
-            self.close()
+        except WorkerError as e:
+            self._give_up(e)
             raise
         return ticket
 
     def wait(self, ticket: "Ticket") -> list[memoryview]:
         """Block until a submitted read is in the staging segment; its views, in order, valid
         until a later submission reuses their bytes (not before the next submit())."""
+        if ticket.failed:
+            raise WorkerError(ticket.failed)
         if ticket.dropped or ticket not in self._tickets:
             raise FetchError("this read was dropped or already waited for")
         try:
             self._collect(ticket)
-        except WorkerError:
-            self.close()
+        except WorkerError as e:
+            self._give_up(e)
             raise
         finally:
             if ticket in self._tickets:
@@ -332,6 +368,7 @@ class Fetcher:
             raise ReadError(errors)
         if nbytes != (expected := sum(i[2] for i in ticket.items)):
             raise ReadError([f"workers read {nbytes} bytes, expected {expected}"])
+        self._backoff = BACKOFF_S  # the workers serve again
         buf = ticket.buf
         return [buf[dst:dst + n] for (_, _, n), dst in zip(ranges, ticket.offsets)]
 
@@ -396,8 +433,9 @@ class Fetcher:
                 read = Read(next(self._req_ids), items)
                 ticket.req_ids.add(read.req_id)
                 self._owner[read.req_id] = ticket
+                if not w.pending:  # silence counts from its oldest unanswered Read
+                    w.sent_at = now
                 w.pending.append(read)
-                w.sent_at = now
                 if w.identity is not None:
                     self._send(w, read)
 
@@ -430,9 +468,55 @@ class Fetcher:
     def _check_open(self) -> None:
         if self._closed or self._res is None:
             raise WorkerError("fetcher is closed" if self._closed else "fetcher not started")
+        if self._down:
+            if time.monotonic() < self._retry_at:
+                raise WorkerError(self.failure)
+            try:
+                self._heal()
+            except WorkerError as e:
+                self._give_up(e)
+                raise
+
+    def _give_up(self, e: WorkerError) -> None:
+        """Workers that keep failing: kill them all (a stopped one too), fail every read in flight
+        (their wait() raises) and stay down for the backoff. Nothing of a killed worker is reused:
+        a worker still writing an old Read could otherwise land in a new read's staging bytes."""
+        if self._closed or self._res is None:
+            return
+        now = time.monotonic()
+        self._failure = str(e)
+        self._down, self._retry_at = True, now + self._backoff
+        log.error("moed fetcher: %s; restarting the workers in %.1fs", e, self._backoff)
+        self._backoff = min(2 * self._backoff, BACKOFF_MAX_S)
+        for t in self._tickets:
+            t.dropped, t.failed = True, self._failure
+            t.req_ids.clear()
+        self._tickets.clear()
+        self._owner.clear()
+        for w in self._workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+            w.proc.wait()  # SIGKILL ends even a SIGSTOPped process: bounded
+            w.lifeline.close()
+            w.pending.clear()
+            self._by_identity.pop(w.identity, None)
+
+    def _heal(self) -> None:
+        """After the backoff: a new process in every slot (its restarts count from 0). The failure
+        stays reported until they are all Ready (_on_ready)."""
+        self._down = False
+        for w in list(self._workers):
+            try:
+                new = self._spawn(w.slot)
+            except OSError as e:
+                raise WorkerError(f"could not start worker {w.slot}: {e}") from e
+            new.respawns = w.respawns + 1
+            self._res.workers[w.slot] = new
+            self.stats.respawns += 1
 
     def _configure(self) -> Configure:
-        return Configure(self.files, self._segment.name, self._size, queue_depth=self.queue_depth, direct=self.direct)
+        return Configure(self.files, self._segment.name, self._size, queue_depth=self.queue_depth, direct=self.direct,
+                         pins=self.pins)
 
     def _spawn(self, slot: int) -> _Worker:
         ours, theirs = socket.socketpair()
@@ -516,6 +600,9 @@ class Fetcher:
             raise WorkerError(f"worker speaks protocol {msg.version}, we {PROTOCOL_VERSION}")
         w.identity, w.last_seen = identity, now
         self._by_identity[identity] = w
+        if self._failure is not None and all(x.identity is not None for x in self._workers):
+            log.warning("moed fetcher: the I/O workers are back")
+            self._failure = None
         self._send(w, self._configure())
         if w.pending:
             w.sent_at = now
@@ -545,6 +632,9 @@ class Fetcher:
             elif (w.identity is not None and w.pending
                   and now - max(w.last_seen, w.sent_at) > limit):
                 self._restart(w, f"silent for {limit:g}s")
+            elif w.identity is not None and not w.pending and now - w.last_seen > 2 * limit:
+                # idle workers heartbeat too: one that stopped (SIGSTOP, hung) is replaced before it gets work
+                self._restart(w, f"silent for {2 * limit:g}s while idle")
 
 
 def _round_up(n: int, step: int) -> int:

@@ -150,8 +150,10 @@ class Api:
             snap = await (await self.native()).status()
         except Exception as e:
             return JSONResponse({"status": "unavailable", "error": str(e)}, status_code=503)
-        return JSONResponse({"status": snap.state, "progress": asdict(snap.progress)},
-                            status_code=200 if snap.state == "ready" else 503)
+        body = {"status": snap.state, "progress": asdict(snap.progress)}
+        if snap.state == "degraded":  # loaded, but cannot serve now: say why
+            body["reason"] = snap.progress.phase
+        return JSONResponse(body, status_code=200 if snap.state == "ready" else 503)
 
     @staticmethod
     def _model_card(name: str) -> dict:

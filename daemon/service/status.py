@@ -24,7 +24,9 @@ def daemon_status(*, state: str, progress: tuple[str, float], started: float, mo
     """The status now.
 
     Args:
-        state: "starting", "loading", "ready" or "stopping".
+        state: "starting", "loading", "ready" or "stopping"; a loaded daemon whose I/O workers cannot
+            serve (they kept failing; the fetcher respawns them after a backoff) reports "degraded",
+            with the reason as the progress phase.
         progress: the load's (phase, fraction done).
         started: the daemon's start, in time.time() seconds.
         pm: the PagedModel once loaded; core: the EngineCore (or LockstepCore) once built.
@@ -38,6 +40,8 @@ def daemon_status(*, state: str, progress: tuple[str, float], started: float, mo
         context=None, prompt_cache=None)
     parts = _loaded(pm, heat, eng, rss) if loaded else {
         "checkpoint": None, "cache": None, "workers": [], "io": None, "heat": None, "memory": None}
+    if state == "ready" and pm is not None and (why := getattr(pm.fetcher, "failure", None)):
+        state, progress = "degraded", (why, 0.0)
     return DaemonStatus(
         requests=eng.requests, decode_tps=eng.decode_tps, prefill_tps=eng.prefill_tps,
         kv_cache_bytes=eng.kv_cache_bytes, totals=eng.totals, max_queue=eng.max_queue, context=eng.context,

@@ -315,7 +315,7 @@ class Supervisor:
         self._next_tend = now + WORKER_CHECK_S
         try:
             self.pm.fetcher.poll()
-        except FetchError:  # a slot that keeps dying: the fetcher is closed, steps now fail
+        except FetchError:  # a slot that keeps dying: the fetcher is down for a backoff (status "degraded")
             log.exception("[moed] the I/O workers cannot be kept alive")
 
     def _ship(self, events: list) -> None:
@@ -393,7 +393,14 @@ def new_core(c: DaemonConfig, pm, link) -> EngineCore:
     core = EngineCore(pm.model, pm.tokenizer, max_batch=s.max_batch, max_queue=s.max_queue,
                       context=context_length(pm.config), prefill_chunk=s.prefill_chunk,
                       prompt_cache=None if link is not None else new_prompt_cache(c, pm),
-                      vocab_size=text.get("vocab_size"))
+                      vocab_size=text.get("vocab_size"),
+                      prefill_budget=s.prefill_budget if link is None else 0.0)
+    if link is None:  # memory admission (admission.py); a split model's ranks would have to admit alike
+        from moed.daemon.engine.admission import Admission
+
+        held = core.prompt_cache.max_bytes if core.prompt_cache is not None else 0
+        core.admission = Admission.for_loaded(pm, s.prefill_chunk, s.kv_budget_gb, prompt_cache_bytes=held,
+                                              workers=c.paging.workers)
     if link is not None:
         link.share_seed()
     return core

@@ -1,7 +1,8 @@
 """`moed plan`: what a configuration needs, from the headers alone, and how fast it should decode.
 
 Memory: non-expert weights + expert cache (slots per layer x expert size) + the workers' staging
-buffer + the KV cache at a context length + the rest (Python, MLX's buffer cache, the workers).
+buffer + the KV cache of --max-batch sequences at a context length + their prompts' activations of one
+--prefill-chunk + the prompt cache + the rest (Python, MLX's buffer cache, the workers).
 `load_paged` checks the same figures (without a KV cache) against the memory available before it
 reads anything, so a configuration that cannot fit is refused instead of swapping.
 
@@ -44,12 +45,15 @@ class Plan:
     rest_bytes: int
     ram_bytes: int
     prompt_cache_bytes: int = 0  # the in-memory prompt cache's bound (--prompt-cache-gb, else its default)
+    max_batch: int = 1  # sequences whose KV cache is counted (--max-batch)
+    prefill_chunk: int = 512  # --prefill-chunk
+    prefill_bytes: int = 0  # max_batch prompts' activations of one chunk at `context` (one layer at a time)
     forecast: dict = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
         return (self.non_expert_bytes + self.cache_bytes + self.staging_bytes + self.kv_bytes + self.rest_bytes
-                + self.prompt_cache_bytes)
+                + self.prompt_cache_bytes + self.prefill_bytes)
 
     @property
     def fits(self) -> bool:
@@ -63,7 +67,9 @@ class Plan:
                 ("expert cache", self.cache_bytes,
                  f"{self.slots_per_layer[0]} of {self.experts_per_layer} experts x {self.moe_layers} layers"),
                 ("staging (shared memory)", self.staging_bytes, "the largest layer's misses at once"),
-                ("KV cache", self.kv_bytes, f"{self.context} tokens"),
+                ("KV cache", self.kv_bytes, f"{self.max_batch} sequences x {self.context} tokens (--max-batch)"),
+                ("prefill activations", self.prefill_bytes,
+                 f"{self.max_batch} prompts x {self.prefill_chunk}-token chunk at {self.context} (--prefill-chunk)"),
                 ("prompt cache", self.prompt_cache_bytes, "reusable prompt prefixes (--prompt-cache-gb)"),
                 ("the rest", self.rest_bytes, "Python, MLX buffer cache, I/O workers")]
 
@@ -99,27 +105,30 @@ def read_checkpoint(model: str | Path) -> Checkpoint:
 
 
 def _kv_bytes(ck: Checkpoint, context: int, act_bytes: int) -> int:
-    """KV cache bytes at `context` tokens: attention layers x 2 x kv heads x head dim."""
-    cfg = ck.config.get("text_config", ck.config)
-    heads = cfg.get("num_attention_heads", 1)
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    return ck.attn_layers * 2 * kv_heads * head_dim * context * act_bytes
+    """One sequence's KV cache bytes at `context` tokens: attention layers x 2 x kv heads x head dim."""
+    from moed.daemon.engine.admission import kv_bytes_per_token
+
+    return kv_bytes_per_token(ck.config, ck.attn_layers, act_bytes) * context
 
 
 def make_plan(model: str | Path | Checkpoint, paging: PagingConfig | None = None, *, context: int | None = None,
-              ram_gb: float | None = None, prompt_cache_gb: float | None = None, **options: Any) -> Plan:
+              ram_gb: float | None = None, prompt_cache_gb: float | None = None, max_batch: int | None = None,
+              prefill_chunk: int | None = None, **options: Any) -> Plan:
     """The memory a configuration needs, from the headers only (pass a Checkpoint to read them once).
 
     `paging` (and `options`, PagingConfig fields set over it) as `load_paged` takes them; the
     fields that size the cache count (PagingConfig.sizing()), and lookahead's staging when set;
-    `prompt_cache_gb` None: the prompt cache the daemon would size itself (prompt_cache.default_bytes).
+    `prompt_cache_gb` None: the prompt cache the daemon would size itself (prompt_cache.default_bytes);
+    `max_batch`, `prefill_chunk` None: ServingConfig's defaults (the KV cache of max_batch sequences at
+    `context`, and their prompts' activations of one prefill chunk, as admission.py reserves them).
     """
+    from moed.daemon.engine.admission import prefill_bytes
     from moed.daemon.engine.budget import auto_lookahead, cached_expert_nbytes, slots_per_layer, staging_bytes
     from moed.daemon.engine.checkpoint import top_k_of
     from moed.daemon.engine.core import context_length
     from moed.daemon.engine.loader import DTYPES
     from moed.daemon.engine.prompt_cache import default_bytes
+    from moed.ipc.config import ServingConfig
 
     paging = replace(paging or PagingConfig(), **options)
     ck = model if isinstance(model, Checkpoint) else read_checkpoint(model)
@@ -140,6 +149,9 @@ def make_plan(model: str | Path | Checkpoint, paging: PagingConfig | None = None
         else:
             non_expert += info.nbytes
     context = context or context_length(config)
+    max_batch = max_batch or ServingConfig().max_batch
+    prefill_chunk = min(prefill_chunk or ServingConfig().prefill_chunk, context)
+    fixed, per_token = prefill_bytes(config, prefill_chunk, float_bytes)
     ahead = auto_lookahead(slots, layers) if paging.lookahead is None else paging.lookahead
     cache_bytes = sum(n * p for n, p in zip(slots, per))
     prompt_cache = int(prompt_cache_gb * 1e9) if prompt_cache_gb is not None else default_bytes(
@@ -149,7 +161,8 @@ def make_plan(model: str | Path | Checkpoint, paging: PagingConfig | None = None
                 expert_bytes=sum(layer.expert_nbytes * layer.num_experts for layer in layers),
                 cache_bytes=cache_bytes, prompt_cache_bytes=prompt_cache,
                 staging_bytes=staging_bytes(slots, layers, k, ahead),
-                kv_bytes=_kv_bytes(ck, context, float_bytes), context=context,
+                kv_bytes=max_batch * _kv_bytes(ck, context, float_bytes), context=context, max_batch=max_batch,
+                prefill_chunk=prefill_chunk, prefill_bytes=max_batch * (fixed + per_token * context),
                 rest_bytes=RUNTIME_BYTES + paging.workers * WORKER_BYTES,
                 ram_bytes=int(ram_gb * 1e9) if ram_gb else available_bytes())
 

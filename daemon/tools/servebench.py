@@ -10,7 +10,7 @@ model in the same run, over the OpenAI HTTP API with streaming (time to first to
   chunking costs a lone long prompt); for each `--prefill-chunk`.
 
 Each server runs as its own subprocess on a free loopback port (moed: `moed daemon --http`, private
-runtime dir); every request is greedy, EOS banned by logit_bias, so both servers do the same work.
+runtime dir); every request is greedy, EOS and the think/tool-call markers banned by logit_bias, so both servers do the same work.
 """
 
 from __future__ import annotations
@@ -182,10 +182,16 @@ def chat_stream(url: str, messages: list[dict], max_tokens: int, tools=None, eos
     return out
 
 
-def eos_ids(model: str) -> list[int]:
+def banned_ids(model: str) -> list[int]:
+    """EOS and the tokenizer's think and tool-call markers: a random-weight model that samples a marker
+    would turn the rest of its reply into reasoning or a buffered tool call, and its content chunks
+    (what the latencies are timed on) would stop."""
     from mlx_lm.utils import load_tokenizer
 
-    return sorted(load_tokenizer(Path(model)).eos_token_ids)
+    tok = load_tokenizer(Path(model))
+    markers = [getattr(tok, a, None) for a in ("think_start", "think_end", "tool_call_start", "tool_call_end")]
+    ids = {tok.convert_tokens_to_ids(m) for m in markers if m}
+    return sorted(set(tok.eos_token_ids) | {i for i in ids if isinstance(i, int) and i >= 0})
 
 
 def text_of_tokens(model: str, n: int, seed_text: str = PROMPT_TEXT, messages_around=None, tools=None) -> str:
@@ -330,11 +336,11 @@ def run(workload: str, model: str, out: str, cache_fraction: float = 0.25, repea
     if workload not in WORKLOADS:
         raise ValueError(f"--workload must be one of {', '.join(WORKLOADS)}, got {workload!r}")
     model = str(resolve_model(model))
-    eos = eos_ids(model)
+    eos = banned_ids(model)
     kinds = ["moed"] + ([] if skip_mlx_lm else ["mlx-lm"])
     results: dict = {}
     config = {"workload": workload, "model": model, "cache_fraction": cache_fraction, "repeat": repeat,
-              "max_tokens": max_tokens, "temperature": 0.0, "eos_banned": eos, "servers": kinds}
+              "max_tokens": max_tokens, "temperature": 0.0, "banned_ids": eos, "servers": kinds}
     if workload == "chat":
         config["turns"] = turns
         for kind in kinds:
@@ -370,12 +376,14 @@ def run(workload: str, model: str, out: str, cache_fraction: float = 0.25, repea
     else:
         config.update(prompt_tokens=prompt_tokens, a_tokens=a_tokens, prefill_chunks=list(prefill_chunks))
         for kind in kinds:
-            for chunk in (prefill_chunks if kind == "moed" else [None]):
-                extra = ["--prefill-chunk", str(chunk)] if chunk else []
+            for spec in (prefill_chunks if kind == "moed" else [None]):
+                chunk, _, budget = str(spec).partition(":")  # CHUNK or CHUNK:BUDGET (--prefill-budget)
+                extra = (["--prefill-chunk", chunk] + (["--prefill-budget", budget] if budget else [])) if spec else []
                 with server(kind, model, cache_fraction, extra, log=log) as s:
-                    log(f"{kind} contention{f' --prefill-chunk {chunk}' if chunk else ''}")
+                    log(f"{kind} contention {' '.join(extra)}")
                     r = contention_workload(s["url"], model, prompt_tokens, a_tokens, eos, log, repeat)
-                results.setdefault(kind, []).append({"prefill_chunk": chunk, **r})
+                results.setdefault(kind, []).append({"prefill_chunk": int(chunk) if spec else None,
+                                                     "prefill_budget": float(budget) if budget else None, **r})
     doc = {"kind": "moed-serve-bench", "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
            "command": " ".join(["moed", *sys.argv[1:]]), "config": config, "machine": machine(),
            "versions": versions(), **git_commit(), "results": results, "summary": summary(workload, results)}
@@ -403,7 +411,7 @@ def summary(workload: str, results: dict) -> dict:
                                                    "ttft_later_median_s", "later_over_first",
                                                    "ttft_after_restart_s", "restart_over_cold")}
         else:
-            out[kind] = [{k: r[k] for k in ("prefill_chunk", "a_alone_p50_ms", "a_alone_p99_ms", "a_window_p50_ms",
+            out[kind] = [{k: r.get(k) for k in ("prefill_chunk", "prefill_budget", "a_alone_p50_ms", "a_alone_p99_ms", "a_window_p50_ms",
                                             "a_window_p99_ms", "a_window_max_ms", "p99_over_alone", "b_ttft_s",
                                             "b_alone_ttft_s")}
                          for r in rows]
@@ -412,7 +420,7 @@ def summary(workload: str, results: dict) -> dict:
 
 def main(a) -> int:
     """`moed bench --workload chat|agent|contention` (daemon/verbs.py)."""
-    chunks = [int(x) for x in str(a.prefill_chunks).split(",") if x] if getattr(a, "prefill_chunks", None) \
+    chunks = [x for x in str(a.prefill_chunks).split(",") if x] if getattr(a, "prefill_chunks", None) \
         else list(PREFILL_CHUNKS)
     run(a.workload, a.model, a.out, float(str(a.cache_fractions).split(",")[0]), a.repeat, a.max_tokens, chunks,
         a.skip_mlx_lm,  # --prompt-tokens (B's prompt) when given; the bench's 32-token default means "not given"

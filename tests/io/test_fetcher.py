@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from moed.daemon.io.fetcher import MAX_UNWAITED, Fetcher, FetchError, ReadError, WorkerError
+from moed.daemon.io.fetcher import BACKOFF_S, MAX_UNWAITED, Fetcher, FetchError, ReadError, WorkerError
 from moed.ipc import runtime, shm
 from moed.workers.reader import CHUNK, Reader, plan
 
@@ -282,7 +282,9 @@ def test_silent_worker_is_replaced(data, tmp_path):
         assert wait_for(lambda: not alive(victim), 2.0)
 
 
-def test_truncated_file_raises_read_error_then_recovers(data, tmp_path):
+def test_a_file_changed_since_the_fetcher_pinned_it_is_refused_by_name(data, tmp_path):
+    """Truncated (or rewritten, or replaced) after the fetcher took its identity: its reads fail naming
+    it, every time (never the new bytes beside the old ones); the other files still read."""
     paths = list(data)
     short = tmp_path / "short.bin"
     short.write_bytes(data[paths[1]])
@@ -290,26 +292,46 @@ def test_truncated_file_raises_read_error_then_recovers(data, tmp_path):
         os.truncate(short, 1000)
         with pytest.raises(ReadError, match="short.bin") as e:
             f.read([(0, 0, 1 << 20), (1, 500, 1 << 20)])
-        assert "end of file" in str(e.value)
-        good = [(0, 10, 1 << 20), (1, 0, 1000)]
-        views = f.read(good)
-        assert bytes(views[0]) == data[paths[0]][10:10 + (1 << 20)]
-        assert bytes(views[1]) == data[paths[1]][:1000]
-        short.unlink()  # a vanished file names itself too, on first open
-    with Fetcher([str(short)], workers=1, runtime_dir=tmp_path) as f:
+        assert "resized (3145728 -> 1000 bytes) since the daemon loaded it" in str(e.value)
         with pytest.raises(ReadError, match="short.bin"):
-            f.read([(0, 0, 10)])
+            f.read([(1, 0, 1000)])  # in range of the new size: still not the file it pinned
+        views = f.read([(0, 10, 1 << 20)])
+        assert bytes(views[0]) == data[paths[0]][10:10 + (1 << 20)]
+    unpinned = tmp_path / "unpinned.bin"
+    unpinned.write_bytes(data[paths[1]])
+    f = Fetcher([str(unpinned)], workers=1, runtime_dir=tmp_path)
+    f.pins = []  # workers without pins report the short read itself
+    with f:
+        os.truncate(unpinned, 1000)
+        with pytest.raises(ReadError, match="end of file"):
+            f.read([(0, 500, 1 << 20)])
+        short.unlink()  # a vanished file names itself too, on first open
+    with pytest.raises(ReadError, match="short.bin: No such file"):
+        Fetcher([str(short)], workers=1, runtime_dir=tmp_path)
 
 
 def test_hung_worker_is_given_up_on(tmp_path):
     """Opening a FIFO with no writer blocks forever: the worker goes silent, is replaced
-    MAX_RESTARTS times, then read() raises WorkerError and the fetcher closes itself."""
+    MAX_RESTARTS times, then read() raises WorkerError: the workers are killed, reads fail at once
+    during the backoff (`failure` says why), then the slot is respawned and serves again."""
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     f = Fetcher([str(fifo)], workers=1, runtime_dir=tmp_path, heartbeat_s=0.05, liveness=2)
     f.start()
     with pytest.raises(WorkerError, match="silent"):
         f.read([(0, 0, 10)])
+    assert not worker_children() and "silent" in f.failure
+    t = time.monotonic()
+    with pytest.raises(WorkerError, match="failing"):
+        f.read([(0, 0, 10)])
+    assert time.monotonic() - t < 0.2  # no wait during the backoff
+    time.sleep(BACKOFF_S)
+    deadline = time.monotonic() + 20
+    while f.failure is not None and time.monotonic() < deadline:  # respawned, then Ready
+        f.poll()
+        time.sleep(0.02)
+    assert f.failure is None and len(worker_children()) == 1
+    f.close()
     assert not worker_children() and not list(tmp_path.glob("*.sock"))
     with pytest.raises(WorkerError, match="closed"):
         f.read([(0, 0, 10)])

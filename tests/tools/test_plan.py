@@ -15,7 +15,7 @@ from moed.daemon.tools.plan import forecast, make_plan, measure_profile
 
 def test_plan_matches_the_loaded_model(tiny_model):
     model = tiny_model("qwen3_5_moe")
-    plan = make_plan(model, cache_fraction=0.5, context=256)
+    plan = make_plan(model, cache_fraction=0.5, context=256, max_batch=1)
     with load_paged(model, cache_fraction=0.5, workers=1) as pm:
         assert plan.non_expert_bytes == pm.non_expert_bytes
         assert plan.cache_bytes == pm.info["cache_bytes"]
@@ -61,3 +61,25 @@ def test_plan_counts_the_prompt_cache(tiny_model):
     assert "prompt cache" in [name for name, *_ in given.lines()]
     auto = make_plan(model, cache_fraction=0.5, context=256, ram_gb=8)  # what the daemon sizes itself
     assert auto.prompt_cache_bytes == default_bytes(auto.non_expert_bytes + auto.cache_bytes, 8_000_000_000)
+
+
+def test_plan_counts_kv_for_max_batch_sequences_and_a_prefill_chunk(tiny_model, tmp_path):
+    model = tiny_model("qwen3_5_moe")
+    one = make_plan(model, cache_fraction=0.5, context=256, max_batch=1, ram_gb=8)
+    eight = make_plan(model, cache_fraction=0.5, context=256, max_batch=8, ram_gb=8)
+    long = make_plan(model, cache_fraction=0.5, context=1024, max_batch=8, ram_gb=8)
+    assert one.kv_bytes > 0 and eight.kv_bytes == 8 * one.kv_bytes and long.kv_bytes == 4 * eight.kv_bytes
+    assert eight.prefill_bytes > one.prefill_bytes > 0 and long.prefill_bytes > eight.prefill_bytes
+    small = make_plan(model, cache_fraction=0.5, context=1024, max_batch=8, prefill_chunk=64, ram_gb=8)
+    assert small.prefill_bytes < long.prefill_bytes and small.prefill_chunk == 64
+    assert long.total_bytes - one.total_bytes == (long.kv_bytes + long.prefill_bytes
+                                                  - one.kv_bytes - one.prefill_bytes)
+    names = [name for name, *_ in long.lines()]
+    assert "KV cache" in names and "prefill activations" in names
+    out = moed(env_for(tmp_path / "rt"), "plan", "--model", str(model), "--context", "1024", "--max-batch", "8",
+               "--no-measure", "--json", "--ram", "8", check=False)
+    doc = json.loads(out.stdout)
+    assert doc["kv_bytes"] == long.kv_bytes and doc["max_batch"] == 8 and doc["prefill_chunk"] == 512
+    text = moed(env_for(tmp_path / "rt"), "plan", "--model", str(model), "--context", "1024", "--max-batch", "8",
+                "--no-measure", "--ram", "8", check=False).stdout
+    assert "8 sequences x 1024 tokens" in text and "prefill activations" in text
