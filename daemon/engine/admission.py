@@ -24,13 +24,16 @@ def _text(config: dict) -> dict:
     return config.get("text_config", config)
 
 
+def _attention(cfg: dict) -> tuple[int, int, int]:
+    """(query heads, kv heads, head dim) of a text config."""
+    heads = cfg.get("num_attention_heads", 1)
+    return heads, cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or cfg["hidden_size"] // heads
+
+
 def kv_bytes_per_token(config: dict, attn_layers: int, dtype_bytes: int) -> int:
     """KV bytes one token takes: attention layers x 2 (K and V) x kv heads x head dim x dtype bytes
     (a hybrid model's other layers keep a fixed-size state: pass only the layers with a KVCache)."""
-    cfg = _text(config)
-    heads = cfg.get("num_attention_heads", 1)
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    _, kv_heads, head_dim = _attention(_text(config))
     return attn_layers * 2 * kv_heads * head_dim * dtype_bytes
 
 
@@ -42,9 +45,7 @@ def prefill_bytes(config: dict, chunk: int, act_bytes: int) -> tuple[int, int]:
     KV was 17.9 MB at 1k tokens and 45.1 MB at 4k, where this counts 22.6 and 60."""
     cfg = _text(config)
     hidden = cfg["hidden_size"]
-    heads = cfg.get("num_attention_heads", 1)
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or hidden // heads
+    heads, kv_heads, head_dim = _attention(cfg)
     k = cfg.get("num_experts_per_tok") or cfg.get("moe_topk") or 1
     moe = (cfg.get("moe_intermediate_size") or cfg.get("intermediate_size") or hidden) * k
     mlp = max(moe + (cfg.get("shared_expert_intermediate_size") or 0), cfg.get("intermediate_size") or 0)

@@ -390,17 +390,17 @@ def load_model(c: DaemonConfig, link, progress=None):
 def new_core(c: DaemonConfig, pm, link) -> EngineCore:
     s = c.serving
     text = pm.config.get("text_config", pm.config)
-    core = EngineCore(pm.model, pm.tokenizer, max_batch=s.max_batch, max_queue=s.max_queue,
-                      context=context_length(pm.config), prefill_chunk=s.prefill_chunk,
-                      prompt_cache=None if link is not None else new_prompt_cache(c, pm),
-                      vocab_size=text.get("vocab_size"),
-                      prefill_budget=s.prefill_budget if link is None else 0.0)
-    if link is None:  # memory admission (admission.py); a split model's ranks would have to admit alike
+    prompt_cache = admission = None
+    if link is None:  # a split model's ranks would have to cache and admit alike
         from moed.daemon.engine.admission import Admission
 
-        held = core.prompt_cache.max_bytes if core.prompt_cache is not None else 0
-        core.admission = Admission.for_loaded(pm, s.prefill_chunk, s.kv_budget_gb, prompt_cache_bytes=held,
-                                              workers=c.paging.workers)
+        prompt_cache = new_prompt_cache(c, pm)
+        admission = Admission.for_loaded(pm, s.prefill_chunk, s.kv_budget_gb, workers=c.paging.workers,
+                                         prompt_cache_bytes=prompt_cache.max_bytes if prompt_cache is not None else 0)
+    core = EngineCore(pm.model, pm.tokenizer, max_batch=s.max_batch, max_queue=s.max_queue,
+                      context=context_length(pm.config), prefill_chunk=s.prefill_chunk, prompt_cache=prompt_cache,
+                      vocab_size=text.get("vocab_size"), prefill_budget=s.prefill_budget if link is None else 0.0,
+                      admission=admission)
     if link is not None:
         link.share_seed()
     return core
