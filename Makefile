@@ -104,6 +104,9 @@ bench-routing: venv
 		--out $(R)/synth-med-policy.json
 	$(BIN)/moed bench --model $(MED) --routing $(R)/synth-med-trace.json --cache-fractions 0.25,0.1 --lookahead off \
 		--evictions lru,fwlru --sampling random --max-tokens 32 --repeat 2 --skip-io --out $(R)/med-forced-eviction.json
+	$(BIN)/moed bench --model $(MED) --routing $(R)/synth-med-trace.json --cache-fractions 0.25 --lookahead off \
+		--evictions lru,fwlru,lfuda,dlfu,hotlru --sampling random --max-tokens 96 --repeat 3 --skip-io --skip-mlx-lm \
+		--out $(R)/engine-policies.json
 	$(BIN)/python -m moed.daemon.tools.train $(TRAINED) --top-k 8,6,4,2 --provenance $(R)/stdlib-top-k-quality.json > /dev/null
 	$(BIN)/moed bench --model $(TRAINED) --top-k 8,6,4,2 --cache-fractions 0.25 --out $(R)/stdlib-top-k.json
 	$(BIN)/moed bench --workload warm-start --model $(TRAINED) --cache-fractions 0.125,0.25,0.5 --max-tokens 100 \

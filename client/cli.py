@@ -133,8 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--context", type=int, help="tokens of KV cache to plan for (default: the model's context)")
     pl.add_argument("--no-measure", dest="measure", action="store_false",
                     help="no forecast (skip measuring this machine's compute and disk)")
+    pl.add_argument("--profile", metavar="FILE", help="forecast for another machine: a JSON hardware profile "
+                    "(name, memory_gb, disk_gbps, expert_gbps, copy_gbps, dense_ms; nothing is measured; "
+                    "memory_gb is the default --ram)")
+    pl.add_argument("--trace", metavar="FILE", help="forecast on a routing trace (`moed trace`, tracesynth): its hit "
+                    "rate under --eviction at this plan's slots, instead of uniform routing")
     pl.add_argument("--json", action="store_true")
-    PagingConfig.add_args(pl, only=PagingConfig.sizing())  # and refuses the flags it would ignore
+    PagingConfig.add_args(pl, only=(*PagingConfig.sizing(), "eviction"))  # and refuses the flags it would ignore
     ServingConfig.add_args(pl, only=["prompt_cache_gb", "max_batch", "prefill_chunk"])
     pl.set_defaults(fn=engine_verb("plan"))
 
@@ -191,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lookahead", default="auto", help="comma list of auto, off, on (lookahead reads)")
     b.add_argument("--io", default="buffered", help="comma list of buffered, direct (O_DIRECT / F_NOCACHE reads)")
     b.add_argument("--evictions", default=PagingConfig().eviction,
-                   help="comma list of fwlru, lru (the cache's eviction policy; default: the engine's)")
+                   help="comma list of fwlru, lru, lfuda, dlfu, hotlru (the cache's eviction policy; "
+                   "default: the engine's)")
     b.add_argument("--layouts", default="packed",
                    help="comma list of packed (the `moed pack` store when present), stacked (the shards)")
     b.add_argument("--ranks", help="e.g. 1,2: the model split across N local ranks (first cache fraction)")

@@ -128,6 +128,8 @@ class Client:
         self._live = _Liveness(int(info["pid"]))
         self._sock = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._linger = 0  # ms close() waits for unsent messages
+        self._call_ids = itertools.count()
         self._sock.connect(info["endpoint"])
         self._mail: dict[str | None, deque] = defaultdict(deque)
         self._send(Hello(info["token"], name, os.getpid()))
@@ -206,8 +208,13 @@ class Client:
         return text, ids, fin
 
     def status(self) -> DaemonStatus:
-        self._send(StatusQuery())
-        return self._next(lambda m: isinstance(m, Status)).snapshot
+        """The daemon's status snapshot; raises RequestRejected if it refused the query (rate_limited)."""
+        call = f"status-{next(self._call_ids)}"
+        self._send(StatusQuery(call))
+        reply = self._next(lambda m: isinstance(m, (Status, Error)) and m.req_id == call)
+        if isinstance(reply, Error):
+            _raise_error(reply)
+        return reply.snapshot
 
     def abort(self, req_id: str) -> None:
         self._send(Abort(req_id))
@@ -215,9 +222,10 @@ class Client:
     def stop_daemon(self) -> None:
         """Ask the daemon to shut down (streams end with reason "shutdown")."""
         self._send(StopDaemon())
+        self._linger = 1000  # a close right after must not drop it unsent
 
     def close(self) -> None:
-        self._sock.close(0)
+        self._sock.close(self._linger)
 
     def __enter__(self):
         return self

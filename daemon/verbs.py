@@ -44,20 +44,28 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from rich.table import Table
 
     from moed.daemon.engine.budget import mb
-    from moed.daemon.tools.plan import forecast, largest_fraction, make_plan, measure_profile, read_checkpoint
+    from moed.daemon.tools.plan import (forecast, largest_fraction, load_machine, make_plan, measure_profile,
+                                        measured_machine, read_checkpoint, trace_hit_rate)
 
     paging = PagingConfig.from_args(a)
     ck = read_checkpoint(a.model)
     from moed.ipc.config import ServingConfig
 
     serving = ServingConfig.from_args(a)
-    plan_for = partial(make_plan, ck, context=a.context, ram_gb=a.ram, prompt_cache_gb=serving.prompt_cache_gb,
+    if a.trace and not (a.measure or a.profile):
+        raise ValueError("--trace needs a forecast: give --profile FILE or drop --no-measure")
+    machine = load_machine(a.profile) if a.profile else None  # another machine: nothing measured here
+    ram = a.ram if a.ram is not None or machine is None else machine.memory_gb
+    plan_for = partial(make_plan, ck, context=a.context, ram_gb=ram, prompt_cache_gb=serving.prompt_cache_gb,
                        max_batch=serving.max_batch, prefill_chunk=serving.prefill_chunk)
     plan = plan_for(paging)
-    profile = measure_profile(ck, dtype=paging.dtype) if a.measure else None
+    hit = trace_hit_rate(plan, a.trace, paging.eviction) if a.trace else None  # refused before measuring
+    profile = measure_profile(ck, dtype=paging.dtype) if a.measure and machine is None else None
     fits_at = largest_fraction(lambda f: plan_for(replace(paging, cache_fraction=f, cache_gb=None)), plan.ram_bytes)
     if profile:
-        plan.forecast = forecast(plan, profile)
+        machine = measured_machine(plan, profile)
+    if machine is not None:
+        plan.forecast = forecast(plan, machine, hit)
     if a.json:
         print(json.dumps({**plan.as_dict(), "profile": profile, "largest_fitting_fraction": fits_at}))
         return 0 if plan.fits else 1
@@ -67,7 +75,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     for name, n, note in plan.lines():
         t.add_row(name, mb(n), note)
     t.add_row("[bold]total[/]", f"[bold]{mb(plan.total_bytes)}[/]",
-              f"of {mb(plan.ram_bytes)} {'given' if a.ram else 'available'}: "
+              f"of {mb(plan.ram_bytes)} {'given' if ram else 'available'}: "
               + ("[green]fits[/]" if plan.fits else "[red]does not fit[/]"))
     con = Console()
     con.print(t)
@@ -78,8 +86,14 @@ def cmd_plan(a: argparse.Namespace) -> int:
         con.print(f"this machine: one token's {plan.top_k} experts of a layer in {profile['expert_layer_s'] * 1e3:.2f} ms "
                   f"({profile['expert_compute_gbps']:.2f} GB/s of weights), parallel reads {profile['disk_gbps']:.2f} GB/s "
                   f"({profile['disk_cache_state']})")
+    elif machine is not None:
+        con.print(f"machine: {machine.name} ({machine.source}): reads {machine.disk_gbps:g} GB/s, experts computed at "
+                  f"{machine.expert_gbps:g} GB/s, copies {machine.copy_gbps:g} GB/s, {machine.dense_ms:g} ms a layer's rest")
+    if machine is not None:
+        f = plan.forecast
+        routing = f"{a.trace} under {paging.eviction}" if a.trace else "uniform: each layer's cached share"
         con.print(f"forecast: [bold]{f['decode_tps']:.2f} tok/s[/] decode (all resident: {f['resident_decode_tps']:.2f}), "
-                  f"hit rate ~{f['hit_rate']:.0%}")
+                  f"hit rate {f['hit_rate']:.1%} (routing: {routing})")
     return 0 if plan.fits else 1
 
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 DTYPES = ("float32",)  # casts `--dtype` offers (the loader maps each to its MLX dtype)
-EVICTIONS = ("lru", "fwlru")  # the slot tables' policies (daemon/engine/slots.EVICTIONS)
+EVICTIONS = ("lru", "fwlru", "lfuda", "dlfu", "hotlru")  # the slot tables' policies (daemon/engine/slots.EVICTIONS)
 KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
@@ -161,7 +161,8 @@ class PagingConfig(Options):
         "slower at a real model's recall, ~0.6: README)", action=argparse.BooleanOptionalAction)
     eviction: str = _option(  # fwlru: +4-7.5 points of hit rate at tight caches on realistic traces (README)
         "fwlru", "--eviction", "which expert a full layer cache drops: fwlru (fewest uses x 10 + last use, the "
-        "default) or lru", choices=list(EVICTIONS),
+        "default), lru, lfuda (LFU with dynamic aging), dlfu (decayed LFU) or hotlru (a pinned hot set + LRU)",
+        choices=list(EVICTIONS),
         valid=(lambda v: v in EVICTIONS, f"must be one of {', '.join(EVICTIONS)}"))
     direct: bool = _option(False, "--direct", "read experts bypassing the page cache (O_DIRECT on Linux, "
                            "F_NOCACHE on macOS)", action="store_true")

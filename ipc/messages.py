@@ -199,7 +199,7 @@ class Status:
 @dataclass(slots=True)
 class Error:
     req_id: str | None
-    code: str  # rejected | bad_request | unauthorized | shutdown | internal | protocol
+    code: str  # rejected | bad_request | unauthorized | shutdown | internal | protocol | rate_limited
     message: str
 
 

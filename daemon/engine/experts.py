@@ -33,6 +33,8 @@ HEAT_DECAY = 0.95
 class Reader(Protocol):
     """The fetcher's interface: start reading byte ranges, then wait for views of them."""
 
+    files: list[str]  # what range file indexes name
+
     def submit(self, ranges: Sequence[tuple[int, int, int]]) -> object: ...
 
     def wait(self, ticket: object) -> list[memoryview]: ...
@@ -197,15 +199,19 @@ class ExpertStore:
         n_slots: slots per layer.
         reader: reads byte ranges (the fetcher fronting the I/O workers).
         cast: see TensorPool.
-        eviction: the slot tables' policy (slots.EVICTIONS: "lru", "fwlru").
+        eviction: the slot tables' policy (slots.EVICTIONS: "lru", "fwlru", "lfuda", "dlfu", "hotlru").
+        top_k: the model's top-k (hotlru keeps at least that many slots outside its hot set).
+        counts: the warm start's saved use counts, (layers, experts) (hotlru's hot set); None: none.
     """
 
     def __init__(self, layers: list[ExpertLayer], n_slots: list[int], reader: Reader,
-                 cast: mx.Dtype | None = None, eviction: str = "lru"):
+                 cast: mx.Dtype | None = None, eviction: str = "lru", top_k: int | None = None,
+                 counts: np.ndarray | None = None):
         self.layers = layers
         self.reader = reader
         self.pools = [[TensorPool(t, n, cast) for t in layer.tensors] for layer, n in zip(layers, n_slots)]
-        self.slots = [make_slots(eviction, n, layer.num_experts) for layer, n in zip(layers, n_slots)]
+        self.slots = [make_slots(eviction, n, layer.num_experts, top_k, None if counts is None else counts[i])
+                      for i, (layer, n) in enumerate(zip(layers, n_slots))]
         n = len(layers)
         self.stats = CacheStats(layer_hits=[0] * n, layer_misses=[0] * n)
         self.observers: list[Observer] = []
@@ -278,7 +284,8 @@ class ExpertStore:
         total = 0
         for layer, slots in enumerate(self.slots):
             want = order[layer] if order is not None else np.arange(self.layers[layer].num_experts)
-            self.ensure(layer, np.asarray(want[: slots.n_slots], dtype=np.int64))
+            for group in slots.groups(np.asarray(want[: slots.n_slots], dtype=np.int64)):  # hotlru: may be 2
+                self.ensure(layer, group)
             if progress:
                 progress((layer + 1) / len(self.slots))
         total = self.stats.bytes_read
@@ -317,7 +324,7 @@ class ExpertStore:
         """Lookahead: give `experts` of `layer` slots and start reading the missed ones now; the
         next call settles the read first. Not counted as hits or misses."""
         experts = experts[(experts >= 0) & (experts < self.layers[layer].num_experts)]
-        if self._ahead is not None or len(experts) > self.slots[layer].n_slots:
+        if self._ahead is not None or len(self.slots[layer].groups(experts)) > 1:
             return
         _, filled = self._assign(layer, experts)
         self._predicted = (layer, {e for e, _ in filled})
@@ -369,12 +376,26 @@ class ExpertStore:
         except BaseException:
             self.slots[p.layer].forget([e for e, _ in p.filled])
             raise
-        pools = self.pools[p.layer]
+        pools, layer = self.pools[p.layer], self.layers[p.layer]
+        per = len(pools)
+        if layer.crc32:  # a packed record is checked before it is used (a corrupt pack fails, never serves)
+            t0 = time.perf_counter()
+            bad = [e for i, (e, _) in enumerate(p.filled) if not layer.record_ok(e, views[i * per:(i + 1) * per])]
+            self.stats.verify_seconds += time.perf_counter() - t0
+            if bad:
+                self.slots[p.layer].forget([e for e, _ in p.filled])
+                path = self.reader.files[layer.tensors[0].info.file_idx]
+                raise CorruptRecord(f"{path}: expert record(s) {', '.join(map(str, bad))} of {layer.path} fail "
+                                    "their checksum: the pack is corrupt (rebuild it: moed pack MODEL)")
         for i, (_, slot) in enumerate(p.filled):
             for j, pool in enumerate(pools):
-                pool.write(slot, views[i * len(pools) + j])
+                pool.write(slot, views[i * per + j])
         self.stats.read_seconds += time.perf_counter() - p.t0
         self.stats.bytes_read += sum(r[2] for r in p.ranges)
+
+
+class CorruptRecord(OSError):
+    """A packed expert record whose bytes do not match the pack's checksum."""
 
 
 class PagedSwitch(nn.Module):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -75,6 +76,8 @@ class ExpertLayer:
 
     path: str  # module path, e.g. "model.layers.3.mlp.switch_mlp"
     tensors: tuple[ExpertTensor, ...]
+    crc32: tuple[int, ...] = ()  # packed: each expert record's checksum (`moed pack`); (): none to check
+    crc_order: tuple[int, ...] = ()  # the tensors in record order (the checksum runs over the record's bytes)
 
     @property
     def num_experts(self) -> int:
@@ -86,6 +89,16 @@ class ExpertLayer:
 
     def ranges(self, expert: int) -> list[tuple[int, int, int]]:
         return [t.expert_range(expert) for t in self.tensors]
+
+    def record_ok(self, expert: int, views: Sequence) -> bool:
+        """Whether an expert's bytes as read (one view per tensor, in `tensors` order) match its
+        record's checksum in the pack; True when the layer has none."""
+        if not self.crc32:
+            return True
+        crc = 0
+        for j in self.crc_order:
+            crc = zlib.crc32(views[j], crc)
+        return crc == self.crc32[expert]
 
 
 def read_header(path: Path, file_idx: int = 0) -> dict[str, TensorInfo]:
@@ -180,6 +193,7 @@ class TensorTable:
         for i, f in enumerate(self.files):
             self.tensors.update(read_header(f, i))
         self.packed: dict[str, tuple[TensorInfo, int]] = {}  # tensor name -> (its place in the pack, stride)
+        self.pack_crc32: dict[int, tuple[int, ...]] = {}  # pack file index -> its records' checksums
         self.pack_note = ""  # why a pack present was not used
         if packed and (self.model_dir / PACK_DIR / PACK_INDEX).exists():
             self._use_pack(self.model_dir / PACK_DIR)
@@ -193,12 +207,15 @@ class TensorTable:
                 changed = [s["file"] for s in now if was.get(s["file"]) != s] or ["the list of shards"]
                 raise ValueError(f"the checkpoint changed since `moed pack` ({', '.join(changed)}); "
                                  "run `moed pack` again")
-            files, packed = [], {}
+            files, packed, crcs = [], {}, {}
             for entry in index["layers"]:
                 f = pack_member(pack_dir, entry["file"])
                 if f.stat().st_size < entry["stride"] * entry["num_experts"]:
                     raise ValueError(f"{f.name} is truncated")
+                if len(entry.get("crc32") or ()) != entry["num_experts"]:
+                    raise ValueError(f"{f.name} has no record checksums (packed by an older moed): run `moed pack` again")
                 files.append(f)
+                crcs[len(self.files) + len(files) - 1] = tuple(int(c) for c in entry["crc32"])
                 for t in entry["tensors"]:
                     src = self.tensors[t["name"]]
                     info = TensorInfo(src.name, len(self.files) + len(files) - 1, t["offset"], src.nbytes,
@@ -208,7 +225,7 @@ class TensorTable:
             self.pack_note = f"{pack_dir} not used: {e}"
             return
         self.files += files
-        self.packed = packed
+        self.packed, self.pack_crc32 = packed, crcs
 
     def expert_layer(self, path: str, params: dict[str, tuple[int, ...]]) -> ExpertLayer:
         """Map one switch module's expert parameters to their tensors, validating shapes.
@@ -236,4 +253,18 @@ class TensorTable:
         counts = {t.num_experts for t in tensors}
         if len(counts) != 1:
             raise CheckpointError(f"{self.model_dir}: {path} tensors disagree on the expert count")
-        return ExpertLayer(path, tuple(tensors))
+        return ExpertLayer(path, tuple(tensors), *self._record_checks(tensors))
+
+    def _record_checks(self, tensors: list[ExpertTensor]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(checksums, record order) of a layer whose tensors tile one pack file's records, else ((), ())."""
+        files = {t.info.file_idx for t in tensors}
+        crcs = self.pack_crc32.get(next(iter(files))) if len(files) == 1 and all(t.stride for t in tensors) else None
+        if not crcs:
+            return (), ()
+        order = sorted(range(len(tensors)), key=lambda j: tensors[j].info.offset)
+        at = 0
+        for j in order:  # back to back from the record's start, as `moed pack` wrote them
+            if tensors[j].info.offset != at:
+                return (), ()
+            at += tensors[j].expert_nbytes
+        return crcs, tuple(order)

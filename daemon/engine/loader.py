@@ -146,7 +146,11 @@ def load_paged(model: str | Path, paging: PagingConfig | None = None, *,
     fetcher = Fetcher([str(f) for f in table.files], workers=paging.workers, staging_bytes=staging,
                       runtime_dir=daemon_files().dir, direct=paging.direct).start()
     try:
-        store = ExpertStore(layers, n_slots, fetcher, cast, eviction=paging.eviction)
+        experts_per_layer = [layer.num_experts for layer in layers]
+        warm_start = (WarmStart.for_model(daemon_files().dir, path, experts_per_layer,
+                                          f"top_k={top_k}", f"layers={layer_range}") if paging.warm_start else None)
+        store = ExpertStore(layers, n_slots, fetcher, cast, eviction=paging.eviction, top_k=top_k,
+                            counts=warm_start.before if warm_start is not None else None)  # hotlru's hot set
         paged = []
         for i, (p, m) in enumerate(switches):
             params = [k for k, _ in tree_flatten(m.parameters())]
@@ -163,9 +167,6 @@ def load_paged(model: str | Path, paging: PagingConfig | None = None, *,
             mx.eval(v)
             done += v.nbytes
             report("loading resident weights", 0.15 + 0.5 * done / max(1, non_expert))
-        experts_per_layer = [layer.num_experts for layer in layers]
-        warm_start = (WarmStart.for_model(daemon_files().dir, path, experts_per_layer,
-                                          f"top_k={top_k}", f"layers={layer_range}") if paging.warm_start else None)
         order = warm_start.order() if warm_start is not None and paging.warm else None
         warm_bytes = (store.warm(order, progress=lambda f: report("warming the expert cache", 0.65 + 0.3 * f))
                       if paging.warm else 0)

@@ -1,7 +1,11 @@
 """Slot bookkeeping for the expert cache: which expert sits in which slot, and what to evict.
 
 Pure Python + numpy (no MLX): the pools themselves live in `experts.py`. Each MoE layer owns a
-fixed number of slots; LRU is the baseline eviction policy.
+fixed number of slots; LRU is the baseline eviction policy. `fwlru` mirrors the simulator's FreqLRU;
+`lfuda`, `dlfu` and `hotlru` run the simulator's own policy objects (daemon/tools/policy.py, also
+pure Python + numpy) as their bookkeeping (`PolicySlots`), so they decide exactly as it does.
+The simulator's `leaststale` is not here: it ranks keys across layers, and the engine's pools are
+per layer, where it is LRU.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moed.daemon.tools.policy import LFUDA, DecayedLFU, HotLRU, Policy
+
 
 @dataclass
 class CacheStats:
@@ -18,6 +24,7 @@ class CacheStats:
     misses: int = 0
     bytes_read: int = 0
     read_seconds: float = 0.0
+    verify_seconds: float = 0.0  # checking packed records' checksums (part of read_seconds)
     prefetched: int = 0  # experts read ahead by lookahead
     prefetch_used: int = 0  # of those, the ones the layer's routing then chose
     layer_hits: list[int] = field(default_factory=list)
@@ -32,7 +39,7 @@ class CacheStats:
         return {
             "hits": self.hits, "misses": self.misses,
             "hit_rate": self.hit_rate, "bytes_read": self.bytes_read,
-            "read_seconds": self.read_seconds,
+            "read_seconds": self.read_seconds, "verify_seconds": self.verify_seconds,
             "prefetched": self.prefetched, "prefetch_used": self.prefetch_used,
             "layer_hits": list(self.layer_hits), "layer_misses": list(self.layer_misses),
         }
@@ -152,9 +159,113 @@ class FreqLayerSlots(LayerSlots):
         super().forget(experts)
 
 
-EVICTIONS = {"lru": LayerSlots, "fwlru": FreqLayerSlots}
+class PolicySlots(LayerSlots):
+    """A slot table whose decisions are a simulator policy's (daemon/tools/policy.py, pure Python):
+    the policy object itself is the bookkeeping, so the engine keeps exactly the experts the
+    simulator keeps; this class only maps experts to slots (the policy's evicted keys free theirs,
+    its misses take free ones). A visit costs the policy's visit plus O(k) here."""
+
+    def __init__(self, n_slots: int, num_experts: int, policy: Policy):
+        super().__init__(n_slots, num_experts)
+        self.policy = policy
+        self._gone = policy.log_evictions()
+        self._n = 0  # experts with a slot
+
+    def assign(self, experts: np.ndarray) -> tuple[int, list[tuple[int, int]]]:
+        keys = experts.tolist()
+        hits = self.policy.visit(keys, 0)
+        lut, free = self.lut, self._free
+        gone = self._gone
+        if gone:  # never a key of this visit: the policies pin them
+            for e in gone:
+                free.append(int(lut[e]))
+                lut[e] = -1
+            self.evictions += len(gone)
+            self._n -= len(gone)
+            gone.clear()
+        filled = []
+        if hits < len(keys):
+            for e in keys:
+                if lut[e] < 0:
+                    slot = free.pop()
+                    lut[e] = slot
+                    filled.append((e, slot))
+            self._n += len(filled)
+        return hits, filled
+
+    def forget(self, experts: list[int]) -> None:
+        for e in experts:
+            if self.lut[e] >= 0:
+                self.policy.discard(e)
+                self._free.append(int(self.lut[e]))
+                self.lut[e] = -1
+                self._n -= 1
+
+    @property
+    def used(self) -> int:
+        return self._n
+
+    @property
+    def full(self) -> bool:
+        return self._n == len(self.lut)
 
 
-def make_slots(eviction: str, n_slots: int, num_experts: int) -> LayerSlots:
-    """A layer's slot table under `eviction` (a key of EVICTIONS)."""
-    return EVICTIONS[eviction](n_slots, num_experts)
+class LFUDASlots(PolicySlots):
+    """LFU with dynamic aging (`policy.LFUDA`): priority = uses since the expert entered + L at its
+    last use, L = the priority of the last eviction. A lazy heap: O(k log n) a visit."""
+
+    def __init__(self, n_slots: int, num_experts: int, **_):
+        super().__init__(n_slots, num_experts, LFUDA(n_slots))
+
+
+class DecayedLFUSlots(PolicySlots):
+    """Decayed LFU (`policy.DecayedLFU`): use counts decayed 0.95 per visit of the layer (a token),
+    lowest evicted; its log-space heat (`policy.decayed_use`) keeps a lazy heap: O(k log n) a visit."""
+
+    def __init__(self, n_slots: int, num_experts: int, **_):
+        super().__init__(n_slots, num_experts, DecayedLFU(n_slots))
+
+
+class HotLRUSlots(PolicySlots):
+    """A pinned hot set + LRU (`policy.HotLRU`): min(half the slots, slots - top-k) pinned to the
+    layer's most-used experts, the rest an LRU. The hot set comes from `counts`, the warm start's
+    saved use counts of the layer (daemon/engine/warmstart.py: the heat map the last runs saved);
+    with none (no saved file, --no-warm-start, or a layer never counted), from the counts of the
+    layer's first `HotLRU.WARMUP` visits of this run (a plain LRU of every slot until then). O(k) a
+    visit (dict and set operations); the one-time choice sorts the layer's counts."""
+
+    def __init__(self, n_slots: int, num_experts: int, top_k: int | None = None,
+                 counts: np.ndarray | dict | None = None, **_):
+        if isinstance(counts, np.ndarray):
+            counts = {e: float(c) for e, c in enumerate(counts[:num_experts].tolist()) if c > 0} or None
+        super().__init__(n_slots, num_experts, HotLRU(n_slots, counts, min(n_slots, top_k or 1)))
+
+    def groups(self, experts: np.ndarray) -> list[np.ndarray]:
+        """Groups whose experts outside the hot set fit the LRU part (the hot ones have their slots)."""
+        cap = self.policy.lru.capacity
+        if len(experts) <= cap:
+            return [experts]
+        hot = self.policy.hot or ()
+        is_hot = np.fromiter((e in hot for e in experts.tolist()), dtype=bool, count=len(experts))
+        cold = experts[~is_hot]
+        if len(cold) <= cap:
+            return [experts]
+        resident = self.lut[cold] >= 0
+        cold = np.concatenate([cold[resident], cold[~resident]])
+        groups = [cold[i : i + cap] for i in range(0, len(cold), cap)]
+        groups[0] = np.concatenate([experts[is_hot], groups[0]])
+        return groups
+
+
+EVICTIONS = {"lru": LayerSlots, "fwlru": FreqLayerSlots, "lfuda": LFUDASlots, "dlfu": DecayedLFUSlots,
+             "hotlru": HotLRUSlots}
+
+
+def make_slots(eviction: str, n_slots: int, num_experts: int, top_k: int | None = None,
+               counts: np.ndarray | None = None) -> LayerSlots:
+    """A layer's slot table under `eviction` (a key of EVICTIONS). `top_k` (the largest decode visit)
+    and `counts` (the layer's saved use counts, the warm start's) are for `hotlru`'s hot set."""
+    cls = EVICTIONS[eviction]
+    if issubclass(cls, PolicySlots):
+        return cls(n_slots, num_experts, top_k=top_k, counts=counts)
+    return cls(n_slots, num_experts)

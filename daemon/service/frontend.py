@@ -3,8 +3,13 @@
 The engine loop never touches the socket: it takes `(client, message)` from `inbox` and hands
 replies to `send`, which queues them and wakes the I/O thread through a pipe. The I/O thread
 authenticates clients (Hello with the token), answers Ping and StatusQuery itself (with the status
-the engine loop last published) so a busy engine still looks alive, turns malformed frames into Error replies, and reports clients whose process
-has exited (the pid they gave in Hello; the socket is local) so their requests get aborted.
+the engine loop last published) so a busy engine still looks alive, turns malformed frames into Error
+replies, and reports clients that went away so their requests get aborted: a socket that closed (the
+ROUTER's monitor reports the connection's file descriptor, each message carries its own: SRCFD) or a
+process that exited (the pid given in Hello; checked every CLIENT_CHECK_S).
+
+Input and output interleave: one turn of the loop reads at most READ_BATCH messages, then sends
+what is queued, so a client flooding the socket delays others' tokens by one batch, not by its flood.
 
 Sockets that can fill up are bounded and say so. The ROUTER sends with ROUTER_MANDATORY, so a
 client whose pipe is full (SNDHWM) is told, not silently skipped: what it has not taken yet waits
@@ -15,8 +20,8 @@ Replies and stream ends still queue up to twice CLIENT_QUEUE; past that the clie
 it had exited (its requests aborted).
 
 What one client may send is bounded (ClientBounds): its name, its request ids (echoed in every
-Token), its stop strings and how many requests it has in flight. Past a bound the message is
-refused here, on the I/O thread, with a typed Error naming the bound, so it never reaches the
+Token), its stop strings, how many requests it has in flight and how many messages a second it
+sends (a token bucket). Past a bound the message is refused here, on the I/O thread, with a typed Error naming the bound, so it never reaches the
 engine; with names and ids bounded, the status (which lists them) has a bounded size too.
 """
 
@@ -33,6 +38,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from moed.ipc.codec import ProtocolError, decode, encode
 from moed.ipc.messages import (Abort, DaemonStatus, Error, Finished, Generate, Hello, Ping, Pong, Status,
@@ -47,7 +53,7 @@ SNDHWM = 1000  # messages the socket holds for one client before it reports the 
 SNDBUF = 0  # kernel send buffer of a client's connection, bytes (0: the OS default)
 CLIENT_QUEUE = 1024  # messages held for one client whose socket is full (see the module docstring)
 RETRY_S = 0.01  # how often a client with queued messages is tried again
-
+READ_BATCH = 64  # messages read per turn of the I/O loop before what is queued is sent
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,8 @@ class ClientBounds:
     stop_strings: int = 16  # Generate.stop entries (OpenAI allows 4): else bad_request
     stop_chars: int = 256  # characters of one stop string: else bad_request
     in_flight: int = 32  # requests running or queued per client (--max-client-requests): else rejected
+    rate: float = 500.0  # messages a second one client may send, sustained: else rate_limited
+    burst: int = 1000  # ... and at once
 
     def refusal(self, g: Generate, in_flight: set[str]) -> Error | None:
         """Why this client's Generate is refused (None: it goes to the engine)."""
@@ -76,6 +84,24 @@ class ClientBounds:
             return Error(rid, "rejected", f"this client has {len(in_flight)} requests in flight, the most one "
                                           f"client may have (--max-client-requests)")
         return None
+
+
+class Bucket:
+    """A token bucket: `take()` is False once a client sent more than `burst` beyond `rate` a second."""
+
+    __slots__ = ("rate", "burst", "level", "at")
+
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst, self.level, self.at = rate, burst, float(burst), time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.level = min(self.burst, self.level + (now - self.at) * self.rate)
+        self.at = now
+        if self.level < 1:
+            return False
+        self.level -= 1
+        return True
 
 
 @dataclass(frozen=True)
@@ -111,6 +137,11 @@ class Frontend:
         self.client_queue = CLIENT_QUEUE
         self._queued: dict[bytes, deque] = {}  # client -> encoded messages its full socket did not take
         self._lost: dict[bytes, dict[str, int]] = {}  # client -> req_id -> tokens not sent (aborted)
+        self._buckets: dict[bytes, Bucket] = {}  # peer -> its message rate
+        self._fd: dict[bytes, int] = {}  # peer -> the descriptor of its connection (SRCFD)
+        self._peers: dict[int, set[bytes]] = {}  # descriptor -> peers seen on it
+        self._closed: set[int] = set()  # descriptors disconnected and not accepted again since
+        self._closing: dict[int, set[bytes]] = {}  # closed descriptor -> peers to forget once input is read
         self._wake_r, self._wake_w = os.pipe()
         self._stop = threading.Event()
         self._ctx = zmq.Context()
@@ -123,6 +154,7 @@ class Frontend:
             self._sock.setsockopt(zmq.SNDBUF, SNDBUF)
         self._sock.bind(endpoint)
         restrict_socket(endpoint)
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self._thread = threading.Thread(target=self._run, name="moed-frontend", daemon=True)
 
     def start(self) -> "Frontend":
@@ -140,6 +172,8 @@ class Frontend:
         os.write(self._wake_w, b"x")
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+        self._sock.disable_monitor()
+        self._monitor.close(0)
         self._sock.close()
         self._ctx.term()
         os.close(self._wake_r)
@@ -151,9 +185,11 @@ class Frontend:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        checked = time.monotonic()
+        poller.register(self._monitor, zmq.POLLIN)
+        checked, more = time.monotonic(), False
         while True:
-            events = dict(poller.poll(int((RETRY_S if self._queued else CLIENT_CHECK_S) * 1000)))
+            wait = 0 if more else RETRY_S if self._queued else CLIENT_CHECK_S
+            events = dict(poller.poll(int(wait * 1000)))
             if time.monotonic() - checked > CLIENT_CHECK_S:
                 self._check_clients()
                 checked = time.monotonic()
@@ -164,9 +200,43 @@ class Frontend:
             if self._stop.is_set():
                 self._retry()
                 return
-            if self._sock in events:
-                while self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    self._on_frames(self._sock.recv_multipart())
+            more = self._read()
+
+    def _read(self) -> bool:
+        """Read up to READ_BATCH messages; True if more are waiting."""
+        for _ in range(READ_BATCH):
+            self._on_monitor()  # first: a descriptor's DISCONNECTED (then ACCEPTED) precedes its messages
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                for peers in self._closing.values():  # their last messages are read: forget them
+                    for peer in peers:
+                        self._forget(peer)
+                self._closing.clear()
+                return False
+            self._on_frames(frames)
+        return True
+
+    def _on_monitor(self) -> None:
+        """Note the connections that closed; their peers are forgotten once the socket's input is read.
+
+        libzmq queues a connection's messages before it emits its DISCONNECTED, emits that before the
+        descriptor is closed (so before it can be reused) and a new connection's ACCEPTED before its
+        first byte is read, all from its one I/O thread. So events drained before each read are never
+        behind the message read, and a message from a descriptor closed and not accepted since is one
+        its connection sent before closing (a StopDaemon then close, say): still handled.
+        """
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            fd = int(event["value"])
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self._closed.discard(fd)
+            else:
+                self._closed.add(fd)
+                self._closing.setdefault(fd, set()).update(self._peers.pop(fd, ()))
 
     def _flush(self) -> None:
         while True:
@@ -247,6 +317,11 @@ class Frontend:
         self._lost.pop(client, None)
         self._pids.pop(client, None)
         self._in_flight.pop(client, None)
+        self._buckets.pop(client, None)
+        if (fd := self._fd.pop(client, None)) is not None and (peers := self._peers.get(fd)) is not None:
+            peers.discard(client)
+            if not peers:
+                del self._peers[fd]
         if self.clients.pop(client, None) is not None:
             self.inbox.put((client, Disconnected()))
 
@@ -255,12 +330,24 @@ class Frontend:
             if not process_alive(pid):
                 self._forget(client)
 
-    def _on_frames(self, frames: list[bytes]) -> None:
-        client, body = frames[0], frames[1:]
+    def _on_frames(self, frames: list[zmq.Frame]) -> None:
+        client, fd = frames[0].bytes, frames[0].get(zmq.SRCFD)
+        if fd in self._closed:  # sent just before its connection closed: handled, then forgotten
+            self._closing.setdefault(fd, set()).add(client)
+        elif self._fd.get(client) != fd:
+            self._fd[client] = fd
+            self._peers.setdefault(fd, set()).add(client)
         try:
-            msg = decode(body)
+            msg = decode([f.bytes for f in frames[1:]])
         except ProtocolError as e:
             self._emit(client, Error(None, "protocol", str(e)))
+            return
+        bucket = self._buckets.get(client) or self._buckets.setdefault(client, Bucket(self.bounds.rate,
+                                                                                      self.bounds.burst))
+        if not bucket.take() and not isinstance(msg, Abort):
+            self._emit(client, Error(getattr(msg, "req_id", None), "rate_limited",
+                                     f"more than {self.bounds.burst} messages at once or {self.bounds.rate:g} "
+                                     f"a second from this client"))
             return
         if isinstance(msg, Hello):
             if not hmac.compare_digest(msg.token.encode(), self._token.encode()):
@@ -280,6 +367,8 @@ class Frontend:
             self._emit(client, Status(self._status(), msg.req_id))
         elif isinstance(msg, StopDaemon) and self._on_stop is not None:
             self._on_stop()
+        elif isinstance(msg, Abort) and msg.req_id not in self._in_flight.get(client, ()):
+            pass  # not running (ended, or never was): nothing to stop, and an Abort flood never reaches the engine
         elif isinstance(msg, Generate):
             mine = self._in_flight.setdefault(client, set())
             if (refused := self.bounds.refusal(msg, mine)) is not None:

@@ -96,6 +96,9 @@ def measure(spec: dict) -> dict:
                 "bytes_read_per_token": st.bytes_read / max(1, len(res.tokens) + res.prompt_tokens),
                 "read_gbps": st.bytes_read / st.read_seconds / 1e9 if st.read_seconds else 0.0,
                 "read_seconds": st.read_seconds, "cache_bytes": pm.info["cache_bytes"],
+                "verify_seconds": st.verify_seconds,  # packed records' checksums, checked as read
+                "verify_share": st.verify_seconds / (res.ttft_s + len(res.tokens) / res.decode_tps)
+                if res.decode_tps else 0.0,
                 "slots_per_layer": pm.info["slots_per_layer"][0], "non_expert_bytes": pm.non_expert_bytes,
                 "expert_bytes": pm.expert_bytes, "packed": pm.info["packed"], "direct": pm.fetcher.direct,
                 "lookahead": pm.info["lookahead"], "prefetched": st.prefetched,
@@ -112,13 +115,14 @@ def measure(spec: dict) -> dict:
 
 def plan_forecast(spec: dict) -> dict:
     """`moed plan`'s profile of this machine and its forecast for each cache size measured."""
-    from moed.daemon.tools.plan import forecast, make_plan, measure_profile, read_checkpoint
+    from moed.daemon.tools.plan import forecast, make_plan, measure_profile, measured_machine, read_checkpoint
 
     paging = paging_of(spec)
     ck = read_checkpoint(spec["model"])
     profile = measure_profile(ck, dtype=paging.dtype)
-    return {"engine": "plan", "profile": profile, "forecasts": {
-        str(f): forecast(make_plan(ck, replace(paging, cache_fraction=f)), profile) for f in spec["fractions"]}}
+    plans = {f: make_plan(ck, replace(paging, cache_fraction=f)) for f in spec["fractions"]}
+    return {"engine": "plan", "profile": profile,
+            "forecasts": {str(f): forecast(p, measured_machine(p, profile)) for f, p in plans.items()}}
 
 
 IO_REPS = 3  # raw and fetch path alternate this many times; the medians are reported (the disk is noisy)

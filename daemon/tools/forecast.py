@@ -2,7 +2,7 @@
 
 `python -m moed.daemon.tools.forecast --out bench/results/forecast-published.json` (`make bench-routing`).
 
-The step model is `moed plan`'s (daemon/tools/plan.forecast), with the hit rate of each layer taken
+The step model is `moed plan`'s (daemon/tools/plan.py: Machine, layer_s, forecast), with the hit rate of each layer taken
 from a routing trace instead of the cached share: per MoE layer and token, the misses are read while
 the resident experts compute, then copied into their slots and computed, plus the layer's non-expert
 work:
@@ -29,16 +29,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-
-@dataclass(frozen=True)
-class Machine:
-    name: str
-    memory_gb: float
-    disk_gbps: float  # cold parallel reads of expert records
-    expert_gbps: float  # expert weights streamed through the matmuls (one token)
-    copy_gbps: float  # staging -> slot copies (moed); 0: none (reads land in place)
-    dense_ms: float  # one layer's non-expert work for one token (attention, router, shared expert, overheads)
-    source: str
+from moed.daemon.tools.plan import Machine, layer_s
 
 
 @dataclass(frozen=True)
@@ -89,12 +80,7 @@ def hit_rate(shape: Shape, top_k: int, slots: int, policy: str, tokens: int = 25
 
 def step_s(shape: Shape, m: Machine, top_k: int, hit: float) -> float:
     """Seconds per decoded token (see the module docstring)."""
-    read = shape.expert_bytes / (m.disk_gbps * 1e9)
-    compute = shape.expert_bytes / (m.expert_gbps * 1e9)
-    copy = shape.expert_bytes / (m.copy_gbps * 1e9) if m.copy_gbps else 0.0
-    miss = (1 - hit) * top_k
-    layer = max(miss * read, (top_k - miss) * compute) + miss * (compute + copy) + m.dense_ms / 1e3
-    return shape.moe_layers * layer
+    return shape.moe_layers * layer_s(shape.expert_bytes, m, top_k, hit)
 
 
 def page_cache_slots(shape: Shape, m: Machine) -> int:

@@ -15,6 +15,7 @@ as the experts. Left out: the router's host sync per layer (measured ~8% on med)
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -227,22 +228,82 @@ def measure_profile(model: str | Path | Checkpoint, read_mb: int = 256, dtype: s
             "copy_gbps": copy_gbps}
 
 
-def forecast(plan: Plan, profile: dict) -> dict:
-    """Decode tok/s of this plan on a machine with this profile (uniform routing: hit rate = cached share)."""
-    k, layers = plan.top_k, plan.moe_layers
-    c = profile["expert_pair_s"]
-    r = plan.expert_nbytes / (profile["disk_gbps"] * 1e9)
-    copy = plan.expert_nbytes / (profile["copy_gbps"] * 1e9)
-    per_layer = []
-    for slots in plan.slots_per_layer:
-        h = min(1.0, slots / plan.experts_per_layer)
-        miss = (1 - h) * k
-        per_layer.append(k * c if h >= 1 else max(miss * r, h * k * c) + miss * (c + copy))
-    dense_s = plan.non_expert_bytes / (profile["expert_compute_gbps"] * 1e9)
-    step = sum(per_layer) + dense_s
-    return {"decode_tps": 1 / step, "step_s": step, "dense_s": dense_s, "experts_s": sum(per_layer),
-            "hit_rate": sum(min(1.0, s / plan.experts_per_layer) for s in plan.slots_per_layer) / layers,
-            "resident_decode_tps": 1 / (layers * k * c + dense_s)}
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    memory_gb: float
+    disk_gbps: float  # cold parallel reads of expert records
+    expert_gbps: float  # expert weights streamed through the matmuls (one token)
+    copy_gbps: float  # staging -> slot copies (moed); 0: none (reads land in place)
+    dense_ms: float  # one layer's non-expert work for one token (attention, router, shared expert, overheads)
+    source: str
+
+
+def load_machine(path: str | Path) -> Machine:
+    """A hardware profile from a JSON file of Machine's fields (`source` optional), refused by name
+    when a field is missing, unknown or not a positive number."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--profile {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"--profile {path}: a JSON object of {', '.join(Machine.__dataclass_fields__)}")
+    d = {"name": Path(path).stem, "source": str(path), **d}
+    names = set(Machine.__dataclass_fields__)
+    if unknown := sorted(set(d) - names):
+        raise ValueError(f"--profile {path}: unknown field(s) {', '.join(unknown)}; the fields are {', '.join(names)}")
+    if missing := sorted(names - set(d)):
+        raise ValueError(f"--profile {path}: missing {', '.join(missing)}")
+    for f in ("memory_gb", "disk_gbps", "expert_gbps", "copy_gbps", "dense_ms"):
+        if isinstance(d[f], bool) or not isinstance(d[f], (int, float)) or d[f] < 0 or (d[f] == 0 and f != "copy_gbps"):
+            raise ValueError(f"--profile {path}: {f} must be a positive number (copy_gbps may be 0), not {d[f]!r}")
+    return Machine(**d)
+
+
+def layer_s(expert_bytes: int, m: Machine, top_k: int, hit: float) -> float:
+    """Seconds of one MoE layer for one decoded token (see the module docstring)."""
+    read = expert_bytes / (m.disk_gbps * 1e9)
+    compute = expert_bytes / (m.expert_gbps * 1e9)
+    copy = expert_bytes / (m.copy_gbps * 1e9) if m.copy_gbps else 0.0
+    miss = (1 - hit) * top_k
+    return max(miss * read, (top_k - miss) * compute) + miss * (compute + copy) + m.dense_ms / 1e3
+
+
+def measured_machine(plan: Plan, profile: dict) -> Machine:
+    """This machine's measured profile (`measure_profile`) as a Machine: the non-expert
+    weights run at the experts' bytes/s, spread evenly over the MoE layers."""
+    gbps = profile["expert_compute_gbps"]
+    return Machine("this machine", plan.ram_bytes / 1e9, profile["disk_gbps"], gbps, profile["copy_gbps"],
+                   plan.non_expert_bytes / (gbps * 1e9) / plan.moe_layers * 1e3, "measured by moed plan")
+
+
+def trace_hit_rate(plan: Plan, trace: str | Path, eviction: str) -> float:
+    """The hit rate of `eviction` on a routing trace at this plan's slots per layer (the policy
+    simulator; the trace's shape must be the model's: experts per layer and top-k)."""
+    from moed.daemon.tools.policy import load_trace, simulate
+
+    try:
+        t = load_trace(trace)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--trace {e}") from None
+    shape = (len(t["num_experts"]), set(t["num_experts"]), t["top_k"])
+    if shape != (plan.moe_layers, {plan.experts_per_layer}, plan.top_k):
+        raise ValueError(f"--trace {trace}: {shape[0]} MoE layers of {'/'.join(map(str, sorted(shape[1])))} experts, "
+                         f"top-{t['top_k']}; the model has {plan.moe_layers} of {plan.experts_per_layer}, top-{plan.top_k}")
+    fraction = sum(plan.slots_per_layer) / len(plan.slots_per_layer) / plan.experts_per_layer
+    return simulate(t, eviction, "per_layer", fraction)["hit_rate"] if fraction < 1 else 1.0
+
+
+def forecast(plan: Plan, machine: Machine, hit: float | None = None) -> dict:
+    """Decode tok/s of this plan on `machine` (layer_s per MoE layer). `hit`: the hit rate
+    of a routing trace; None: uniform routing, each layer's hit rate its cached share."""
+    k, n = plan.top_k, plan.expert_nbytes
+    hits = [min(1.0, s / plan.experts_per_layer) if hit is None else hit for s in plan.slots_per_layer]
+    step = sum(layer_s(n, machine, k, h) for h in hits)
+    dense_s = plan.moe_layers * machine.dense_ms / 1e3
+    return {"decode_tps": 1 / step, "step_s": step, "dense_s": dense_s, "experts_s": step - dense_s,
+            "hit_rate": sum(hits) / len(hits), "routing": "uniform" if hit is None else "trace",
+            "resident_decode_tps": 1 / (plan.moe_layers * layer_s(n, machine, k, 1.0)), "machine": asdict(machine)}
 
 
 def largest_fraction(plan_for, ram_bytes: int) -> float | None:

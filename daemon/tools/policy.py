@@ -21,7 +21,8 @@ Policies (all share the `Policy` interface; keys are any hashables, `(layer, exp
 - `LFUDA`: LFU with dynamic aging: priority = count + L, L = the priority of the last eviction.
 - `FreqLRU` (``fwlru``): frequency-weighted LRU, score = uses x 10 + last use (Flash-MoE's CUDA port).
 - `DecayedLFU` (``dlfu``): use counts decayed 0.95 per token (the engine's heat map), lowest evicted.
-- `HotLRU` (``hotlru``): half the slots pinned to the trace's most-used keys (offline), the rest LRU.
+- `HotLRU` (``hotlru``): half the slots pinned to the trace's most-used keys (offline), the rest LRU;
+  with no counts given, to the most-used keys of its first visits (online, the engine without a heat map).
 - `LeastStale` (``leaststale``): SpecMD's idea: evict keys of the layer that comes back last in the
   layer cycle (LRU within a layer); the same as LRU in per-layer pools.
 - `Belady`: the optimal offline policy: evicts the resident key whose next use is farthest.
@@ -157,12 +158,23 @@ class Policy:
     """
 
     name = "policy"
+    evicted: list | None = None  # the evicted keys, in order, when `log_evictions` was called
 
     def __init__(self, capacity: int):
         if capacity <= 0:
             raise ValueError(f"capacity must be positive, got {capacity}")
         self.capacity = int(capacity)
         self.evictions = 0
+
+    def log_evictions(self) -> list:
+        """From now on append every evicted key to the returned list (the engine's slot tables,
+        daemon/engine/slots.PolicySlots, drain it after each visit to free those keys' slots)."""
+        self.evicted = []
+        return self.evicted
+
+    def discard(self, key: Hashable) -> None:  # pragma: no cover - abstract
+        """Drop `key` if resident, not as an eviction (the engine's failed read)."""
+        raise NotImplementedError
 
     def visit(self, keys: Sequence[Hashable], t: int) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -209,10 +221,15 @@ class LRU(Policy):
             cap = self.capacity
             for k in misses:
                 if len(od) >= cap:  # the oldest is never pinned: the visit's hits were just moved to the end
-                    od.popitem(last=False)
+                    old = od.popitem(last=False)[0]
                     self.evictions += 1
+                    if self.evicted is not None:
+                        self.evicted.append(old)
                 od[k] = None
         return hits
+
+    def discard(self, key):
+        self._od.pop(key, None)
 
     def resident(self):
         return set(self._od)
@@ -291,11 +308,17 @@ class LFU(Policy):
             del tick_of[k]
             del self._count[k]
             self.evictions += 1
+            if self.evicted is not None:
+                self.evicted.append(k)
             if self.aging:
                 self.age = prio
             break
         for entry in held:
             heapq.heappush(heap, entry)
+
+    def discard(self, key):
+        if self._count.pop(key, None) is not None:
+            del self._tick_of[key]  # its heap entries are stale now
 
     def _compact(self) -> None:
         tick_of = self._tick_of
@@ -487,44 +510,141 @@ class FreqLRU(_Scored):
         return self.count.get(key, 0) * self.WEIGHT + last
 
 
-class DecayedLFU(_Scored):
+def decayed_use(level: float | None, tick: int, rate: float) -> float:
+    """A decayed use count after one more use at `tick`, in log space (`DecayedLFU`'s heat).
+
+    The count c decays by exp(-rate) per tick; it is kept as level = ln(c at tick u) + u x rate
+    (u: its last use), which does not change while the key is not used: the order of the keys by
+    level is their order by decayed count at any later tick, so a heap keeps it. `level` None: never
+    used. The one definition of the score, for the simulator and the engine's slot table alike.
+    """
+    now = tick * rate
+    return (0.0 if level is None else math.log1p(math.exp(level - now))) + now
+
+
+class DecayedLFU(Policy):
     """Decayed LFU: each key's use count decays by `DECAY` per tick of the pool (the engine's Heat:
-    half-life ~14 tokens); the lowest is evicted, ties by recency."""
+    half-life ~14 tokens); the lowest is evicted, ties by recency, then by time of entry. Counts
+    survive eviction. A lazy min-heap of (level, last use, entry, key) (see `decayed_use`): a visit
+    costs O(k log n), no scan of the pool."""
 
     name = "dlfu"
     DECAY = 0.95
 
     def __init__(self, capacity: int):
         super().__init__(capacity)
-        self.heat: dict = {}  # key -> (value, tick it was last updated)
+        self.rate = -math.log(self.DECAY)
+        self.level: dict = {}  # every key used so far -> its heat (decayed_use)
+        self._res: dict = {}  # resident key -> its live heap entry (level, last use, entry, key)
+        self._heap: list = []
+        self.tick = 0
+        self._seq = 0  # entries into the pool, for ties
 
-    def _value(self, key) -> float:
-        v, at = self.heat.get(key, (0.0, self.tick))
-        return v * self.DECAY ** (self.tick - at)
+    def visit(self, keys, t):
+        if len(keys) > self.capacity:
+            self._check(keys)
+        self.tick += 1
+        res = self._res
+        hits = sum(1 for k in keys if k in res)
+        over = len(res) + (len(keys) - hits) - self.capacity
+        if over > 0:
+            self._evict(over, keys)
+        tick, rate, level, heap = self.tick, self.rate, self.level, self._heap
+        for k in keys:
+            lv = level[k] = decayed_use(level.get(k), tick, rate)
+            old = res.get(k)
+            if old is None:
+                self._seq += 1
+                entry = (lv, tick, self._seq, k)
+            else:
+                entry = (lv, tick, old[2], k)
+            res[k] = entry
+            heapq.heappush(heap, entry)
+        if len(heap) > 4 * self.capacity + 1024:
+            self._heap = [e for e in heap if res.get(e[3]) is e]
+            heapq.heapify(self._heap)
+        return hits
 
-    def touch(self, key):
-        self.heat[key] = (self._value(key) + 1.0, self.tick)
+    def _evict(self, n: int, pinned) -> None:
+        heap, res = self._heap, self._res
+        pinned = set(pinned)
+        held = []
+        while n:
+            entry = heapq.heappop(heap)  # never empty: every resident key has its live entry
+            k = entry[3]
+            if res.get(k) is not entry:
+                continue  # stale
+            if k in pinned:
+                held.append(entry)
+                continue
+            del res[k]
+            self.evictions += 1
+            if self.evicted is not None:
+                self.evicted.append(k)
+            n -= 1
+        for entry in held:
+            heapq.heappush(heap, entry)
 
-    def score(self, key, last):
-        return self._value(key)
+    def discard(self, key):
+        self._res.pop(key, None)
+
+    def resident(self):
+        return set(self._res)
+
+    def __contains__(self, key):
+        return key in self._res
+
+    def __len__(self):
+        return len(self._res)
+
+
+def hot_set(counts: dict, n: int) -> set:
+    """The `n` most-used keys of `counts` (ties: the earlier key of the dict), `HotLRU`'s hot set."""
+    return set(sorted(counts, key=lambda k: -counts[k])[:n])
 
 
 class HotLRU(Policy):
-    """A pinned hot set + LRU: the `SHARE` of the slots holding the most-used keys of the whole trace
-    (an offline choice, like slotstream's "best fixed hot set"), the rest an LRU; hot keys always hit
-    after their first load."""
+    """A pinned hot set + LRU: the `SHARE` of the slots (at most capacity - `largest`, so the LRU part
+    holds any visit) pinned to the most-used keys, the rest an LRU; hot keys always hit after their
+    first load.
+
+    `counts` given: the hot set is its most-used keys from the start (the simulator: the whole
+    trace's counts, an offline choice like slotstream's "best fixed hot set"; the engine: the warm
+    start's saved counts). `counts` None (online): a plain LRU of every slot for the first `warmup`
+    visits, counting uses; at the first visit after those whose keys outside the hot set fit the LRU
+    part, the hot set is the most-used keys so far, kept for good: the resident ones move to it and
+    the LRU part shrinks to its size, evicting its oldest keys (never one of that visit).
+    """
 
     name = "hotlru"
     SHARE = 0.5
+    WARMUP = 32  # online: visits counted before the hot set is chosen
 
-    def __init__(self, capacity: int, counts: dict, largest: int):
+    def __init__(self, capacity: int, counts: dict | None, largest: int, warmup: int = WARMUP):
         super().__init__(capacity)
-        n_hot = max(0, min(int(capacity * self.SHARE), capacity - largest))  # the LRU part holds any visit
-        self.hot = set(sorted(counts, key=lambda k: -counts[k])[:n_hot])
+        self.n_hot = max(0, min(int(capacity * self.SHARE), capacity - largest))
+        self.hot: set | None = None if counts is None else hot_set(counts, self.n_hot)
+        self.seen: dict = {}  # online, before the choice: uses so far
+        self.warmup, self.visits = warmup, 0
         self.loaded: set = set()
-        self.lru = LRU(capacity - n_hot)
+        self.lru = LRU(capacity if counts is None else capacity - self.n_hot)
+
+    def log_evictions(self):
+        self.evicted = self.lru.evicted = []
+        return self.evicted
 
     def visit(self, keys, t):
+        if self.hot is None:
+            if self.visits >= self.warmup:
+                self._choose(keys)
+            if self.hot is None:
+                self.visits += 1
+                seen = self.seen
+                for k in keys:
+                    seen[k] = seen.get(k, 0) + 1
+                hits = self.lru.visit(keys, t)
+                self.evictions = self.lru.evictions
+                return hits
         hits = 0
         cold = []
         for k in keys:
@@ -537,6 +657,31 @@ class HotLRU(Policy):
             hits += self.lru.visit(cold, t)
         self.evictions = self.lru.evictions
         return hits
+
+    def _choose(self, keys) -> None:
+        hot = hot_set(self.seen, self.n_hot)
+        cap = self.capacity - self.n_hot
+        if sum(1 for k in keys if k not in hot) > cap:
+            return  # this visit's cold keys would not fit the LRU part: try at the next one
+        self.hot, self.seen = hot, {}
+        lru, od = self.lru, self.lru._od
+        for k in hot:
+            if k in od:
+                del od[k]
+                self.loaded.add(k)
+        lru.capacity = cap
+        over = len(od) - cap
+        if over > 0:
+            pinned = set(keys)
+            for k in [k for k in od if k not in pinned][:over]:  # oldest first
+                del od[k]
+                lru.evictions += 1
+                if lru.evicted is not None:
+                    lru.evicted.append(k)
+
+    def discard(self, key):
+        self.loaded.discard(key)
+        self.lru.discard(key)
 
     def resident(self):
         return self.loaded | self.lru.resident()

@@ -6,7 +6,8 @@ import pytest
 from moed.daemon.engine.generate import SamplingParams, run
 from moed.daemon.engine.loader import load_paged
 from moed.daemon.engine.routing import RoutingTrace, force_routing
-from moed.daemon.tools.policy import simulate
+from moed.daemon.engine.slots import EVICTIONS
+from moed.daemon.tools.policy import HotLRU, simulate
 from moed.daemon.tools.trace import Recorder
 from moed.daemon.tools.tracesynth import synth
 
@@ -99,20 +100,31 @@ def _zeros(n, k):
     return mx.zeros((1, n, k), dtype=mx.uint32)
 
 
-def test_frequency_weighted_eviction_pages_what_the_simulator_predicts(tiny_model):
+@pytest.mark.parametrize("eviction", ["fwlru", "lfuda", "dlfu", "hotlru"])
+def test_eviction_pages_what_the_simulator_predicts(tiny_model, eviction):
     fraction = 0.5  # 8 of 16 experts (at 4 = top-k no policy has a choice)
-    with load_paged(tiny_model("qwen3_moe"), cache_fraction=fraction, warm=False, eviction="fwlru") as pm:
+    with load_paged(tiny_model("qwen3_moe"), cache_fraction=fraction, warm=False, warm_start=False,
+                    eviction=eviction) as pm:  # no saved counts: hotlru chooses its hot set online
         trace = _trace_for(pm, seed=0)
         forced = force_routing(pm, RoutingTrace(trace))
         run(pm.model, pm.tokenizer, PROMPT, SamplingParams(max_tokens=48, temp=1.0, seed=3, ignore_eos=True))
         stats = pm.store.stats
-        assert type(pm.store.slots[0]).__name__ == "FreqLayerSlots"
+        assert type(pm.store.slots[0]) is EVICTIONS[eviction]
         n_tok = forced.cursor[0]
+        slots, top_k = pm.info["slots_per_layer"], pm.top_k
         forced.close()
     L = len(trace["num_experts"])
     prefix = {**trace, "steps": trace["steps"][: n_tok * L]}
     prefix.pop("predictions")
-    sim = simulate(prefix, "fwlru", "per_layer", fraction)
+    if eviction == "hotlru":  # no saved counts (a bench, a first run): the online hot set
+        pools = [HotLRU(n, None, top_k) for n in slots]
+        layer_hits = [0] * L
+        for layer, ex in prefix["steps"]:
+            layer_hits[layer] += pools[layer].visit(ex, 0)
+        sim = {"hits": sum(layer_hits), "misses": n_tok * L * top_k - sum(layer_hits),
+               "layer_misses": [n_tok * top_k - h for h in layer_hits]}
+    else:
+        sim = simulate(prefix, eviction, "per_layer", fraction)
     assert (sim["hits"], sim["misses"]) == (stats.hits, stats.misses)
     assert sim["layer_misses"] == stats.layer_misses
     assert simulate(prefix, "lru", "per_layer", fraction)["hits"] != sim["hits"]  # it kept other experts than LRU

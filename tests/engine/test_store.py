@@ -20,7 +20,7 @@ class Ordered:
     """The real fetcher, keeping the ranges of each submit in order."""
 
     def __init__(self, fetcher: Fetcher):
-        self.fetcher, self.submits = fetcher, []
+        self.fetcher, self.submits, self.files = fetcher, [], fetcher.files
 
     def submit(self, ranges):
         self.submits.append(list(ranges))

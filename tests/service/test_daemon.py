@@ -138,8 +138,21 @@ def test_status_is_published_by_the_engine_loop_not_built_per_query(daemon):
         t0, seen = time.monotonic(), []
         while time.monotonic() - t0 < 2.0:
             seen.append(c.status().uptime_s)
+            time.sleep(0.003)  # under the frontend's message rate bound (ClientBounds.rate)
     assert len(seen) > 40
     assert 2 <= len(set(seen)) <= 2.0 / PUBLISH_S + 2, sorted(set(seen))
+
+
+def test_a_status_loop_past_the_rate_bound_is_refused_not_left_waiting(daemon):
+    """The finding: the rate bound's Error went unread and `status()` waited for good."""
+    with Client(str(daemon["runtime"])) as c:
+        t0 = time.monotonic()
+        with pytest.raises(RequestRejected) as e:
+            while time.monotonic() - t0 < 20:
+                c.status()
+        assert e.value.code == "rate_limited"
+        time.sleep(0.5)  # the bucket refills
+        assert c.status().state == "ready"
 
 
 def test_status_answers_while_loading_and_is_built_on_the_engine_thread(tiny_models, tmp_path):

@@ -82,3 +82,36 @@ def test_each_record_has_a_checksum_that_finds_corruption(packed_model):
         fh.seek(2 * entry["stride"] + 5)
         fh.write(bytes([b[0] ^ 0xFF]))
     assert check(packed_model) == [f"{entry['file']} expert 2"]
+
+
+def _flip(path, offset):
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        b = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_a_corrupt_record_is_refused_as_it_is_read_never_used(packed_model):
+    """Issue 17: a corrupted `moed pack` record was used (wrong tokens). Corrupted after packing,
+    before the load (the pins see the file as it was loaded): the read checks each record's crc32."""
+    from moed.daemon.engine.experts import CorruptRecord
+    from moed.daemon.engine.generate import SamplingParams, run
+    from moed.daemon.engine.loader import load_paged
+
+    params = SamplingParams(max_tokens=6, temp=0.0, ignore_eos=True)
+    with load_paged(packed_model, cache_fraction=0.5, warm=False, warm_start=False) as pm:
+        assert pm.info["packed"] and all(layer.crc32 for layer in pm.store.layers)
+        clean = run(pm.model, pm.tokenizer, "hello", params)
+        assert pm.store.stats.verify_seconds > 0
+    entry = json.loads((packed_model / PACK_DIR / PACK_INDEX).read_text())["layers"][0]
+    for e in range(entry["num_experts"]):  # every record of the first MoE layer: any miss there reads one
+        _flip(packed_model / PACK_DIR / entry["file"], e * entry["stride"] + 7)
+    with load_paged(packed_model, cache_fraction=0.5, warm=False, warm_start=False) as pm:
+        for _ in range(2):  # and again: the failed experts were not left in their slots
+            with pytest.raises(CorruptRecord, match=rf"{entry['file']}: expert record\(s\) .* fail their checksum"):
+                run(pm.model, pm.tokenizer, "hello", params)
+        assert pm.store.slots[0].used == 0
+    with pytest.raises(CorruptRecord):  # a daemon's load (the cache is filled first) refuses it too
+        load_paged(packed_model, cache_fraction=0.5, warm=True, warm_start=False).close()
+    assert clean

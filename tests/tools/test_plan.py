@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 
 import mlx.core as mx
+import pytest
 from daemon_util import env_for, moed
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from moed.daemon.engine.loader import load_paged
-from moed.daemon.tools.plan import forecast, make_plan, measure_profile
+from moed.daemon.tools.plan import (Machine, forecast, layer_s, load_machine, make_plan, measure_profile,
+                                    measured_machine, trace_hit_rate)
+from moed.daemon.tools.policy import simulate
+from moed.daemon.tools.tracesynth import synth
 
 
 def test_plan_matches_the_loaded_model(tiny_model):
@@ -31,7 +35,8 @@ def test_forecast_orders_cache_sizes_and_profile_is_measured(tiny_model):
     model = tiny_model("qwen3_moe")
     profile = measure_profile(model, read_mb=4, cold=False)  # dropping the page cache would disturb other tests
     assert profile["expert_layer_s"] > 0 and profile["disk_gbps"] > 0
-    tps = [forecast(make_plan(model, cache_fraction=f), profile)["decode_tps"] for f in (1.0, 0.5, 0.25)]
+    plans = [make_plan(model, cache_fraction=f) for f in (1.0, 0.5, 0.25)]
+    tps = [forecast(p, measured_machine(p, profile))["decode_tps"] for p in plans]
     assert tps[0] >= tps[1] >= tps[2] > 0
 
 
@@ -83,3 +88,66 @@ def test_plan_counts_kv_for_max_batch_sequences_and_a_prefill_chunk(tiny_model, 
     text = moed(env_for(tmp_path / "rt"), "plan", "--model", str(model), "--context", "1024", "--max-batch", "8",
                 "--no-measure", "--ram", "8", check=False).stdout
     assert "8 sequences x 1024 tokens" in text and "prefill activations" in text
+
+
+M3 = {"name": "M3 Max", "memory_gb": 48, "disk_gbps": 17.5, "expert_gbps": 300, "copy_gbps": 100, "dense_ms": 1.68}
+
+
+def _write(path, doc):
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+def test_plan_forecasts_another_machine_on_a_routing_trace(tiny_model, tmp_path):
+    """`--profile` (nothing measured here) and `--trace` (its hit rate under --eviction at the plan's
+    slots): the forecast is plan.layer_s at the simulator's hit rate; a trace with more reuse
+    forecasts more tok/s; uniform routing without --trace."""
+    model = tiny_model("qwen3_moe")
+    plan = make_plan(model, cache_fraction=0.5, ram_gb=48)
+    L, E, k = plan.moe_layers, plan.experts_per_layer, plan.top_k
+    hot = _write(tmp_path / "hot.json", synth(E, k, L, tokens=200, seed=1, predictions=False))
+    spread = {"kind": "moed-trace", "model": "uniform", "top_k": k, "num_experts": [E] * L,  # every expert in turn
+              "steps": [[layer, [(t * k + j) % E for j in range(k)]] for t in range(200) for layer in range(L)]}
+    uniform = _write(tmp_path / "spread.json", spread)
+    prof = _write(tmp_path / "m3.json", M3)
+    m = load_machine(prof)
+    assert m == Machine(source=prof, **M3)
+    env = env_for(tmp_path / "rt")
+    docs = {}
+    for name, extra in {"hot": ["--trace", hot], "spread": ["--trace", uniform], "none": [],
+                        "lru": ["--trace", hot, "--eviction", "lru"]}.items():
+        out = moed(env, "plan", "--model", str(model), "--cache-fraction", "0.5", "--profile", prof, "--json", *extra)
+        docs[name] = json.loads(out.stdout)
+    f = docs["hot"]["forecast"]
+    hit = simulate(hot, "fwlru", "per_layer", 0.5)["hit_rate"]
+    assert f["hit_rate"] == pytest.approx(hit) and f["routing"] == "trace"
+    assert f["decode_tps"] == pytest.approx(1 / (L * layer_s(plan.expert_nbytes, m, k, hit)))
+    assert docs["hot"]["ram_bytes"] == 48_000_000_000 and docs["hot"]["profile"] is None  # nothing measured
+    assert f["machine"]["name"] == "M3 Max"
+    assert docs["lru"]["forecast"]["hit_rate"] == pytest.approx(simulate(hot, "lru", "per_layer", 0.5)["hit_rate"])
+    assert docs["spread"]["forecast"]["decode_tps"] < f["decode_tps"]  # no reuse: every expert read
+    assert docs["none"]["forecast"]["routing"] == "uniform" and docs["none"]["forecast"]["hit_rate"] == 0.5
+    text = " ".join(moed(env, "plan", "--model", str(model), "--profile", prof, "--trace", hot).stdout.split())
+    assert "machine: M3 Max" in text and f"(routing: {hot} under fwlru)" in text
+
+
+def test_plan_refuses_bad_profiles_and_traces_by_name(tiny_model, tmp_path):
+    model = str(tiny_model("qwen3_moe"))
+    env = env_for(tmp_path / "rt")
+    plan = make_plan(model, cache_fraction=0.5, ram_gb=8)
+    wrong = _write(tmp_path / "wrong.json", synth(plan.experts_per_layer * 2, plan.top_k, plan.moe_layers, tokens=8,
+                                                   predictions=False))
+    with pytest.raises(ValueError, match="the model has"):
+        trace_hit_rate(plan, wrong, "fwlru")
+    cases = {
+        "missing": (["--profile", _write(tmp_path / "a.json", {k: v for k, v in M3.items() if k != "disk_gbps"})],
+                    "missing disk_gbps"),
+        "unknown": (["--profile", _write(tmp_path / "b.json", {**M3, "gpu": 1})], "unknown field(s) gpu"),
+        "negative": (["--profile", _write(tmp_path / "c.json", {**M3, "expert_gbps": -1})], "expert_gbps must be"),
+        "shape": (["--profile", _write(tmp_path / "d.json", M3), "--trace", wrong], "the model has"),
+        "no forecast": (["--no-measure", "--trace", wrong], "--trace needs a forecast"),
+        "no file": (["--profile", str(tmp_path / "none.json")], "--profile"),
+    }
+    for name, (args, says) in cases.items():
+        out = moed(env, "plan", "--model", model, *args, check=False)
+        assert out.returncode == 2 and says in out.stderr, (name, out.stderr)
