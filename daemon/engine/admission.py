@@ -2,13 +2,12 @@
 
 The budget is the memory left for running requests once the model is loaded (`--kv-budget-gb`, else
 what is available then, less the prompt cache's bound and the runtime: supervisor.new_core). A
-request reserves, for its whole life, its KV cache at prompt + max_tokens (rounded up to mlx-lm's
+request needs, for its whole life, its KV cache at prompt + max_tokens (rounded up to mlx-lm's
 256-token allocation step) and, until its prompt is prefilled, one prefill chunk's activations at
-its prompt's length. One that does not fit waits until running ones finish; one that could not fit
-even alone is rejected with the figures. Figures come from the model's config, as `moed plan`'s.
-
-Left out: mlx-lm's batched KV cache pads every sequence of a batch to the longest one's length, so
-a batch of mixed lengths can take more than the sum reserved here.
+its prompt's length. mlx-lm's batched KV cache (BatchKVCache.extend) pads every sequence of the
+batch to the longest one's length, so the running requests hold n x the longest one's KV, not the
+sum of theirs. One that does not fit waits until running ones finish; one that could not fit even
+alone is rejected with the figures. Figures come from the model's config, as `moed plan`'s.
 """
 
 from __future__ import annotations
@@ -111,14 +110,18 @@ class Admission:
         return Reservation(self.kv_per_token * _kv_tokens(prompt_tokens + max_tokens),
                            self.prefill + self.score_per_token * prompt_tokens)
 
+    @staticmethod
+    def _total(held: list[Reservation]) -> int:
+        """What `held` take together: each sequence's KV padded to the longest one's, and the prefills."""
+        return len(held) * max((r.kv for r in held), default=0) + sum(r.prefill for r in held)
+
     @property
     def reserved(self) -> int:
-        return sum(r.kv + r.prefill for r in self.held.values())
+        return self._total(list(self.held.values()))
 
     def fits(self, prompt_tokens: int, max_tokens: int) -> bool:
-        """Whether the request fits beside the running ones now."""
-        r = self.need(prompt_tokens, max_tokens)
-        return self.reserved + r.kv + r.prefill <= self.budget
+        """Whether the request fits beside the running ones now (all padded to the longest)."""
+        return self._total([*self.held.values(), self.need(prompt_tokens, max_tokens)]) <= self.budget
 
     def never_fits(self, prompt_tokens: int, max_tokens: int) -> str | None:
         """Why the request could not run even alone (the rejection's message), or None."""

@@ -4,6 +4,7 @@ in the memory available (checked before any weight is read; `moed plan` reports 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import mlx.core as mx
 import psutil
@@ -29,9 +30,61 @@ def need_bytes(non_expert: int, cache: int, staging: int, workers: int, kv: int 
 
 
 def available_bytes() -> int:
-    """Memory available now (`MOED_RAM_GB` overrides: plan for a smaller machine, or test)."""
+    """Memory available now: the machine's, or less under a cgroup memory limit (a container, a
+    systemd slice: `cgroup_available`). `MOED_RAM_GB` overrides: plan for a smaller machine, or test."""
     override = os.environ.get("MOED_RAM_GB")
-    return int(float(override) * 1e9) if override else psutil.virtual_memory().available
+    if override:
+        return int(float(override) * 1e9)
+    free = psutil.virtual_memory().available
+    limited = cgroup_available()
+    return free if limited is None else min(free, limited)
+
+
+UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2^63 - 1
+
+
+def cgroup_available(proc: str | Path = "/proc/self/cgroup", root: str | Path = "/sys/fs/cgroup") -> int | None:
+    """Bytes this process's cgroups (v2, or v1's memory controller) still allow: over it and its
+    ancestors, the least of limit - (usage - inactive page cache, which the kernel reclaims first).
+    None without a limit, or off Linux (no /proc/self/cgroup: macOS)."""
+    try:
+        lines = Path(proc).read_text().splitlines()
+    except OSError:
+        return None
+    root, least = Path(root), None
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2: the unified hierarchy
+            base, files = root, ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            base, files = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        parts = [q for q in path.strip().split("/") if q]
+        for depth in range(len(parts), -1, -1):  # the cgroup, then each ancestor (a namespace shows only some)
+            left = _cgroup_left(base.joinpath(*parts[:depth]), *files)
+            if left is not None:
+                least = left if least is None else min(least, left)
+    return least
+
+
+def _cgroup_left(d: Path, limit_file: str, usage_file: str, inactive_key: str) -> int | None:
+    try:
+        raw = (d / limit_file).read_text().strip()
+        if raw == "max" or int(raw) >= UNLIMITED:
+            return None
+        usage = int((d / usage_file).read_text())
+    except (OSError, ValueError):
+        return None
+    inactive = 0
+    try:
+        for row in (d / "memory.stat").read_text().splitlines():
+            key, _, value = row.partition(" ")
+            if key == inactive_key:
+                inactive = int(value)
+    except (OSError, ValueError):
+        pass
+    return max(0, int(raw) - max(0, usage - inactive))
 
 
 def check_fits(non_expert: int, cache: int, staging: int, workers: int) -> None:

@@ -196,7 +196,33 @@ class Policy:
         return len(self.resident())
 
 
-class LRU(Policy):
+class _Held(Policy):
+    """A policy whose residents are the keys of one dict, `self._held`."""
+
+    _held: dict
+
+    def _sizes(self, keys) -> tuple[int, int]:
+        """(hits, keys past capacity once the misses are in) of a visit; one that cannot fit is refused."""
+        if len(keys) > self.capacity:
+            self._check(keys)
+        held = self._held
+        hits = sum(1 for k in keys if k in held)
+        return hits, len(held) + len(keys) - hits - self.capacity
+
+    def discard(self, key):
+        self._held.pop(key, None)
+
+    def resident(self):
+        return set(self._held)
+
+    def __contains__(self, key):
+        return key in self._held
+
+    def __len__(self):
+        return len(self._held)
+
+
+class LRU(_Held):
     """Least recently used; mirrors `cache.LayerSlots.assign` (hits touched first, then misses)."""
 
     name = "lru"
@@ -204,6 +230,7 @@ class LRU(Policy):
     def __init__(self, capacity: int):
         super().__init__(capacity)
         self._od: OrderedDict = OrderedDict()
+        self._held = self._od
 
     def visit(self, keys, t):
         if len(keys) > self.capacity:
@@ -228,20 +255,8 @@ class LRU(Policy):
                 od[k] = None
         return hits
 
-    def discard(self, key):
-        self._od.pop(key, None)
 
-    def resident(self):
-        return set(self._od)
-
-    def __contains__(self, key):
-        return key in self._od
-
-    def __len__(self):
-        return len(self._od)
-
-
-class LFU(Policy):
+class LFU(_Held):
     """Least frequently used (counts since the key entered the cache), ties by recency.
 
     A lazy min-heap of (priority, tick, key); an entry is live while its tick is the key's last.
@@ -253,6 +268,7 @@ class LFU(Policy):
     def __init__(self, capacity: int):
         super().__init__(capacity)
         self._count: dict = {}  # resident key -> uses since it entered
+        self._held = self._count
         self._tick_of: dict = {}  # resident key -> tick of its last use (its live heap entry)
         self._heap: list = []
         self._tick = 0
@@ -325,15 +341,6 @@ class LFU(Policy):
         self._heap = [e for e in self._heap if tick_of.get(e[2]) == e[1]]
         heapq.heapify(self._heap)
 
-    def resident(self):
-        return set(self._count)
-
-    def __contains__(self, key):
-        return key in self._count
-
-    def __len__(self):
-        return len(self._count)
-
 
 class LFUDA(LFU):
     """LFU with dynamic aging: a key's priority is its count plus L at its last use, where L is
@@ -369,7 +376,7 @@ class Future:
         return len(self.visits)
 
 
-class Belady(Policy):
+class Belady(_Held):
     """Belady's MIN: evict the resident key whose next use is farthest in the future.
 
     Needs the whole sequence of visits up front (a `Future`, or the visits themselves); `visit`
@@ -383,6 +390,7 @@ class Belady(Policy):
         super().__init__(capacity)
         self.future = future if isinstance(future, Future) else Future(future)
         self._next: dict = {}  # resident key -> its next use
+        self._held = self._next
         self._heap: list = []  # (-next use, seq, key), lazy
         self._seq = 0
 
@@ -436,23 +444,15 @@ class Belady(Policy):
         for entry in held:
             heapq.heappush(heap, entry)
 
-    def resident(self):
-        return set(self._next)
 
-    def __contains__(self, key):
-        return key in self._next
-
-    def __len__(self):
-        return len(self._next)
-
-
-class _Scored(Policy):
+class _Scored(_Held):
     """Evicts the resident key of lowest `score` (a linear scan: pools are small); the visit's keys
     are pinned. `tick` is this pool's own clock (one per visit: tokens for a per-layer pool)."""
 
     def __init__(self, capacity: int):
         super().__init__(capacity)
         self._res: dict = {}  # key -> last use (tick)
+        self._held = self._res
         self.tick = 0
 
     def score(self, key, last: int) -> float:  # pragma: no cover - abstract
@@ -462,12 +462,9 @@ class _Scored(Policy):
         """Called for every key of every visit, hit or miss (counts and the like)."""
 
     def visit(self, keys, t):
-        if len(keys) > self.capacity:
-            self._check(keys)
+        hits, over = self._sizes(keys)
         self.tick += 1
         res = self._res
-        hits = sum(1 for k in keys if k in res)
-        over = len(res) + (len(keys) - hits) - self.capacity
         if over > 0:
             pinned = set(keys)
             cands = sorted(((self.score(k, last), last, k) for k, last in res.items() if k not in pinned),
@@ -479,15 +476,6 @@ class _Scored(Policy):
             self.touch(k)
             res[k] = self.tick
         return hits
-
-    def resident(self):
-        return set(self._res)
-
-    def __contains__(self, key):
-        return key in self._res
-
-    def __len__(self):
-        return len(self._res)
 
 
 class FreqLRU(_Scored):
@@ -522,7 +510,7 @@ def decayed_use(level: float | None, tick: int, rate: float) -> float:
     return (0.0 if level is None else math.log1p(math.exp(level - now))) + now
 
 
-class DecayedLFU(Policy):
+class DecayedLFU(_Held):
     """Decayed LFU: each key's use count decays by `DECAY` per tick of the pool (the engine's Heat:
     half-life ~14 tokens); the lowest is evicted, ties by recency, then by time of entry. Counts
     survive eviction. A lazy min-heap of (level, last use, entry, key) (see `decayed_use`): a visit
@@ -536,17 +524,15 @@ class DecayedLFU(Policy):
         self.rate = -math.log(self.DECAY)
         self.level: dict = {}  # every key used so far -> its heat (decayed_use)
         self._res: dict = {}  # resident key -> its live heap entry (level, last use, entry, key)
+        self._held = self._res
         self._heap: list = []
         self.tick = 0
         self._seq = 0  # entries into the pool, for ties
 
     def visit(self, keys, t):
-        if len(keys) > self.capacity:
-            self._check(keys)
+        hits, over = self._sizes(keys)
         self.tick += 1
         res = self._res
-        hits = sum(1 for k in keys if k in res)
-        over = len(res) + (len(keys) - hits) - self.capacity
         if over > 0:
             self._evict(over, keys)
         tick, rate, level, heap = self.tick, self.rate, self.level, self._heap
@@ -584,18 +570,6 @@ class DecayedLFU(Policy):
             n -= 1
         for entry in held:
             heapq.heappush(heap, entry)
-
-    def discard(self, key):
-        self._res.pop(key, None)
-
-    def resident(self):
-        return set(self._res)
-
-    def __contains__(self, key):
-        return key in self._res
-
-    def __len__(self):
-        return len(self._res)
 
 
 def hot_set(counts: dict, n: int) -> set:

@@ -9,7 +9,7 @@ from collections import deque
 
 import mlx.core as mx
 import pytest
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
 from moed.daemon.engine.admission import KV_STEP, Admission, kv_bytes_per_token, prefill_bytes
 from moed.daemon.engine.checkpoint import lazy_model
@@ -59,6 +59,29 @@ def test_requests_beyond_the_budget_wait_until_running_ones_finish():
     assert not waiting and adm.status()["requests"] == 2
     adm.clear()
     assert adm.reserved == 0
+
+
+def test_a_batch_of_mixed_lengths_holds_each_padded_to_the_longest():
+    """mlx-lm's BatchKVCache pads every sequence to the longest: a short request beside a long one
+    holds the long one's KV (was: the sum of their own, less than mlx-lm allocates)."""
+    heads, dim, short, long = 2, 8, 100, 600
+    per_token = 2 * heads * dim * 4  # one layer, float32
+    caches = []
+    for n in (short, long):
+        c = BatchKVCache([0])
+        c.update_and_fetch(mx.zeros((1, heads, n, dim)), mx.zeros((1, heads, n, dim)))
+        caches.append(c)
+    caches[0].extend(caches[1])  # the long one joins the running batch
+    mx.eval(caches[0].keys, caches[0].values)
+    allocated = caches[0].keys.nbytes + caches[0].values.nbytes
+    adm = Admission(budget_bytes=allocated, kv_bytes_per_token=per_token, prefill_bytes=0)
+    adm.reserve("short", short, 0)
+    assert adm.fits(long, 0)  # exactly what mlx-lm allocates for the two
+    adm.reserve("long", long, 0)
+    assert adm.reserved == allocated > adm.need(short, 0).kv + adm.need(long, 0).kv
+    assert not adm.fits(1, 0)  # a third sequence, however short, is padded to 600 too
+    adm.release("long")
+    assert adm.reserved == adm.need(short, 0).kv
 
 
 def test_prefill_activations_are_held_until_the_prompt_is_prefilled():
