@@ -91,3 +91,41 @@ def test_requests_in_flight_per_client_are_bounded(daemon):
         assert ids == daemon["ref"]
         gens[0].close()
     assert moed(daemon["env"], "ps", "--json").returncode == 0
+
+
+def test_ten_thousand_requests_sent_without_reading_are_each_answered(daemon):
+    """The finding: 10,000 requests sent without reading, 8,009 never answered (neither a result nor
+    a rejection). A client that reads only once it has sent them all gets one terminal message per
+    request: its tokens and Finished, or a typed rejection (`rejected` past --max-client-requests,
+    `rate_limited` past the message rate); and the daemon serves others meanwhile."""
+    import os
+
+    import zmq
+
+    from moed.ipc.codec import decode, encode
+    from moed.ipc.connection import daemon_files, read_connection
+    from moed.ipc.messages import Error, Generate, Hello, Welcome
+
+    info = read_connection(daemon_files(daemon["rt"]))
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVHWM, 0)  # the answers wait here, however many
+    s.connect(info["endpoint"])
+    try:
+        s.send_multipart(encode(Hello(info["token"], "unread", os.getpid())))
+        assert isinstance(decode(s.recv_multipart()), Welcome)
+        n = 10_000
+        for i in range(n):
+            s.send_multipart(encode(Generate(f"q{i}", prompt=PROMPT, max_tokens=1)))
+        served(daemon)
+        ends: dict[str, object] = {}
+        while len(ends) < n and s.poll(10_000):
+            m = decode(s.recv_multipart())
+            if isinstance(m, (Finished, Error)):
+                assert m.req_id not in ends, m
+                ends[m.req_id] = m
+        assert len(ends) == n, f"{n - len(ends)} requests never answered"
+        codes = {m.code for m in ends.values() if isinstance(m, Error)}
+        assert codes <= {"rejected", "rate_limited"} and any(isinstance(m, Finished) for m in ends.values())
+    finally:
+        s.close(0)
