@@ -284,10 +284,13 @@ def main_top_k(a, console, model: str, base: dict) -> int:
 
 
 def machine() -> dict:
+    from moed.daemon.engine.budget import cgroup_available
+
     vm = psutil.virtual_memory()
     return {
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "ram_bytes": vm.total, "python": platform.python_version(),
+        "cgroup_available_bytes": cgroup_available(),  # a memory limit the run was under (None: none)
     }
 
 
