@@ -45,7 +45,8 @@ UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2^63 - 1
 
 def cgroup_available(proc: str | Path = "/proc/self/cgroup", root: str | Path = "/sys/fs/cgroup") -> int | None:
     """Bytes this process's cgroups (v2, or v1's memory controller) still allow: over it and its
-    ancestors, the least of limit - (usage - inactive page cache, which the kernel reclaims first).
+    ancestors, the least of limit - (usage - page cache, which the kernel reclaims under the limit,
+    as the machine's "available" counts it).
     None without a limit, or off Linux (no /proc/self/cgroup: macOS)."""
     try:
         lines = Path(proc).read_text().splitlines()
@@ -55,9 +56,10 @@ def cgroup_available(proc: str | Path = "/proc/self/cgroup", root: str | Path = 
     for line in lines:
         _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
         if controllers == "":  # v2: the unified hierarchy
-            base, files = root, ("memory.max", "memory.current", "inactive_file")
+            base, files = root, ("memory.max", "memory.current", ("active_file", "inactive_file"))
         elif "memory" in controllers.split(","):
-            base, files = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+            base, files = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes",
+                                            ("total_active_file", "total_inactive_file"))
         else:
             continue
         parts = [q for q in path.strip().split("/") if q]
@@ -68,7 +70,7 @@ def cgroup_available(proc: str | Path = "/proc/self/cgroup", root: str | Path = 
     return least
 
 
-def _cgroup_left(d: Path, limit_file: str, usage_file: str, inactive_key: str) -> int | None:
+def _cgroup_left(d: Path, limit_file: str, usage_file: str, file_keys: tuple[str, ...]) -> int | None:
     try:
         raw = (d / limit_file).read_text().strip()
         if raw == "max" or int(raw) >= UNLIMITED:
@@ -76,15 +78,15 @@ def _cgroup_left(d: Path, limit_file: str, usage_file: str, inactive_key: str) -
         usage = int((d / usage_file).read_text())
     except (OSError, ValueError):
         return None
-    inactive = 0
+    cache = 0
     try:
         for row in (d / "memory.stat").read_text().splitlines():
             key, _, value = row.partition(" ")
-            if key == inactive_key:
-                inactive = int(value)
+            if key in file_keys:
+                cache += int(value)
     except (OSError, ValueError):
         pass
-    return max(0, int(raw) - max(0, usage - inactive))
+    return max(0, int(raw) - max(0, usage - cache))
 
 
 def check_fits(non_expert: int, cache: int, staging: int, workers: int) -> None:

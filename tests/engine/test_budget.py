@@ -15,10 +15,10 @@ def _v2(root, path, limit, current, inactive):
     d.mkdir(parents=True, exist_ok=True)
     (d / "memory.max").write_text(f"{limit}\n")
     (d / "memory.current").write_text(f"{current}\n")
-    (d / "memory.stat").write_text(f"anon 1\nfile 2\ninactive_file {inactive}\nactive_file 3\n")
+    (d / "memory.stat").write_text(f"anon 1\nfile 2\ninactive_file {inactive // 2}\nactive_file {inactive - inactive // 2}\n")
 
 
-def test_a_cgroup_v2_limit_counts_its_usage_less_reclaimable_page_cache(tmp_path):
+def test_a_cgroup_v2_limit_counts_its_usage_less_its_page_cache(tmp_path):
     proc = tmp_path / "cgroup"
     proc.write_text("0::/user.slice/moed.scope\n")
     root = tmp_path / "fs"
@@ -40,7 +40,7 @@ def test_a_cgroup_v1_memory_limit_and_no_cgroup_at_all(tmp_path):
     d.mkdir(parents=True)
     (d / "memory.limit_in_bytes").write_text(str(6 * GB))
     (d / "memory.usage_in_bytes").write_text(str(2 * GB))
-    (d / "memory.stat").write_text(f"cache 5\ntotal_inactive_file {GB}\n")
+    (d / "memory.stat").write_text(f"cache 5\ninactive_file 7\ntotal_inactive_file {GB // 4}\ntotal_active_file {3 * GB // 4}\n")
     assert cgroup_available(proc, tmp_path / "fs") == 5 * GB
     (d / "memory.limit_in_bytes").write_text("9223372036854771712")  # v1's "unlimited"
     assert cgroup_available(proc, tmp_path / "fs") is None
