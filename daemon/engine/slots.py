@@ -169,7 +169,6 @@ class PolicySlots(LayerSlots):
         super().__init__(n_slots, num_experts)
         self.policy = policy
         self._gone = policy.log_evictions()
-        self._n = 0  # experts with a slot
 
     def assign(self, experts: np.ndarray) -> tuple[int, list[tuple[int, int]]]:
         keys = experts.tolist()
@@ -181,7 +180,6 @@ class PolicySlots(LayerSlots):
                 free.append(int(lut[e]))
                 lut[e] = -1
             self.evictions += len(gone)
-            self._n -= len(gone)
             gone.clear()
         filled = []
         if hits < len(keys):
@@ -190,7 +188,6 @@ class PolicySlots(LayerSlots):
                     slot = free.pop()
                     lut[e] = slot
                     filled.append((e, slot))
-            self._n += len(filled)
         return hits, filled
 
     def forget(self, experts: list[int]) -> None:
@@ -199,15 +196,14 @@ class PolicySlots(LayerSlots):
                 self.policy.discard(e)
                 self._free.append(int(self.lut[e]))
                 self.lut[e] = -1
-                self._n -= 1
 
     @property
     def used(self) -> int:
-        return self._n
+        return self.n_slots - len(self._free)  # every slot not free holds an expert
 
     @property
     def full(self) -> bool:
-        return self._n == len(self.lut)
+        return self.used == len(self.lut)
 
 
 class LFUDASlots(PolicySlots):

@@ -21,8 +21,9 @@ it had exited (its requests aborted).
 
 What one client may send is bounded (ClientBounds): its name, its request ids (echoed in every
 Token), its stop strings, how many requests it has in flight and how many messages a second it
-sends (a token bucket). Past a bound the message is refused here, on the I/O thread, with a typed Error naming the bound, so it never reaches the
-engine; with names and ids bounded, the status (which lists them) has a bounded size too.
+sends (a token bucket). Past a bound the message is refused here, on the I/O thread, with a typed
+Error naming the bound, so it never reaches the engine; with names and ids bounded, the status
+(which lists them) has a bounded size too.
 """
 
 from __future__ import annotations
