@@ -54,6 +54,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
     serving = ServingConfig.from_args(a)
     if a.trace and not (a.measure or a.profile):
         raise ValueError("--trace needs a forecast: give --profile FILE or drop --no-measure")
+    if paging.eviction != PagingConfig().eviction and not a.trace:
+        raise ValueError("--eviction changes only a --trace forecast's hit rate: give --trace FILE")
     machine = load_machine(a.profile) if a.profile else None  # another machine: nothing measured here
     ram = a.ram if a.ram is not None or machine is None else machine.memory_gb
     plan_for = partial(make_plan, ck, context=a.context, ram_gb=ram, prompt_cache_gb=serving.prompt_cache_gb,

@@ -146,6 +146,7 @@ def test_plan_refuses_bad_profiles_and_traces_by_name(tiny_model, tmp_path):
         "negative": (["--profile", _write(tmp_path / "c.json", {**M3, "expert_gbps": -1})], "expert_gbps must be"),
         "shape": (["--profile", _write(tmp_path / "d.json", M3), "--trace", wrong], "the model has"),
         "no forecast": (["--no-measure", "--trace", wrong], "--trace needs a forecast"),
+        "eviction alone": (["--profile", _write(tmp_path / "e.json", M3), "--eviction", "lru"], "--eviction changes only"),
         "no file": (["--profile", str(tmp_path / "none.json")], "--profile"),
     }
     for name, (args, says) in cases.items():
