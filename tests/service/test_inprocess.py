@@ -153,7 +153,7 @@ def assert_openai_error(r: httpx.Response, status: int, kind: str | None = None,
 
 def test_http_api_key(daemon):
     async def go():
-        body = {"prompt": PROMPT, "max_tokens": 2}
+        body = {"prompt": PROMPT, "max_tokens": 2, "temperature": 0}
         async with http(daemon, KEY) as c:
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
                             {"Authorization": f"Basic {KEY}"}):
@@ -210,7 +210,7 @@ def test_http_completions_and_chat(daemon):
 
             r = await c.post("/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": [{"type": "text", "text": "Tell me about caches."}]}],
-                "max_completion_tokens": 4})
+                "max_completion_tokens": 4, "temperature": 0})
             assert r.status_code == 200, r.text
             j = r.json()
             assert j["object"] == "chat.completion" and j["id"].startswith("chatcmpl-")
@@ -243,7 +243,7 @@ def test_http_streams(daemon):
 
             chunks = sse(await c.post("/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True,
-                "stop": "never-appears"}))
+                "stop": "never-appears", "temperature": 0}))
             assert all(k["object"] == "chat.completion.chunk" and k["id"].startswith("chatcmpl-") for k in chunks)
             *body, last = chunks
             assert body and all(k["choices"][0]["delta"]["role"] == "assistant" for k in body)
@@ -292,7 +292,7 @@ def test_http_bad_requests_are_typed(daemon):
             r = await c.get("/v1/completions")
             assert r.status_code == 405
             # the daemon serves on
-            r = await c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+            r = await c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "temperature": 0})
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
     run(go())
@@ -306,7 +306,8 @@ def test_health_and_metrics(daemon):
             assert set(r.json()["progress"]) >= {"phase"}
             with Client(str(daemon["runtime"])) as n:
                 before = n.status().totals
-            assert (await c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3})).status_code == 200
+            done = await c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0})
+            assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 3
             r = await c.get("/metrics")
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
             rows = dict(line.split(" ", 1) for line in r.text.splitlines() if not line.startswith("#"))

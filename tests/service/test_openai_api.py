@@ -347,7 +347,7 @@ def test_cors_for_the_given_origin_only(daemon):
 
 
 def test_stream_usage_only_when_asked_and_cached_tokens(daemon):
-    body = {"messages": USER, "max_tokens": 3, "stream": True}
+    body = {"messages": USER, "max_tokens": 3, "stream": True, "temperature": 0}
     chunks = sse(daemon["http"].post("/v1/chat/completions", json={**body, "stream_options": {"include_usage": True}}))
     *body_chunks, last = chunks
     assert last["choices"] == [] and last["usage"]["completion_tokens"] == 3
@@ -375,7 +375,8 @@ def test_streams_send_keep_alive_comments(daemon):
         try:
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=make_app(api)),
                                          base_url="http://127.0.0.1", timeout=60) as c:
-                r = await c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 8, "stream": True})
+                r = await c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 8, "stream": True,
+                                                                "temperature": 0})
         finally:
             for task in api._clients.values():
                 if task.done() and not task.cancelled() and task.exception() is None:
