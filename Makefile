@@ -67,7 +67,7 @@ bench: venv
 	$(MAKE) bench-serve
 
 # Serving: moed's HTTP API next to mlx_lm.server on the same model (README "Serving: chats, agents, a
-# second app"); the tiny qwen3_moe, as the small and med presets prefill at 22 and 6 tokens/s on these CPUs.
+# second app"): the tiny qwen3_moe for every chunk size, then small (22 prompt tokens/s here) for the issue's figures.
 SERVE := models/tiny-qwen3_moe
 bench-serve: venv
 	$(BIN)/moed make-model $(SERVE) --arch qwen3_moe --preset tiny --skip-existing
@@ -78,10 +78,20 @@ bench-serve: venv
 		--out $(R)/serve-agent.json
 	$(BIN)/moed bench --workload contention --model $(SERVE) --cache-fractions 0.25 \
 		--prefill-chunks 16,32,64,128,256,512 --repeat 2 --out $(R)/serve-contention.json
+	$(BIN)/moed bench --workload contention --model $(SERVE) --cache-fractions 0.25 \
+		--prefill-chunks 64:0,512:2,512:3,512:4 --repeat 2 --out $(R)/serve-contention-paced.json
+	$(BIN)/moed bench --workload contention --model $(SERVE) --cache-fractions 0.25 \
+		--prefill-chunks 64:0,512:1,512:2 --repeat 2 --out $(R)/serve-contention-paced-2.json
 	$(BIN)/moed make-model models/small-qwen3_moe --arch qwen3_moe --preset small --skip-existing
 	$(BIN)/moed pack models/small-qwen3_moe
 	$(BIN)/moed bench --workload contention --model models/small-qwen3_moe --cache-fractions 0.25 \
 		--prefill-chunks 32,64,256 --prompt-tokens 1000 --out $(R)/serve-contention-small.json
+	$(BIN)/moed bench --workload contention --model models/small-qwen3_moe --cache-fractions 0.25 \
+		--prefill-chunks 512:1,512:2,512:3 --prompt-tokens 1000 --repeat 2 --out $(R)/serve-contention-small-paced.json
+	$(BIN)/moed bench --workload chat --model models/small-qwen3_moe --cache-fractions 0.25 --max-tokens 32 --repeat 2 \
+		--out $(R)/serve-chat-small.json
+	$(BIN)/moed bench --workload agent --model models/small-qwen3_moe --cache-fractions 0.25 --max-tokens 32 --repeat 2 \
+		--out $(R)/serve-agent-small.json
 
 # Routing like a real model's (README "Routing like a real model's"): calibrated traces, the trained
 # model's trace and statistics, the policies on both, lookahead under forced routing, top-k quality.

@@ -201,8 +201,8 @@ class ServingConfig(Options):
         512, "--prefill-chunk", "prompt tokens prefilled per engine step with nothing else decoding, and the most "
         "per step while streams decode (default 512)", type=int, valid=(lambda v: v >= 1, "must be at least 1"))
     prefill_budget: float = _option(  # chosen by the contention bench (README "Serving: chats, agents, a second app")
-        3.0, "--prefill-budget", "while streams decode, each step prefills for at most this many times its decode "
-        "time (measured as the engine runs; default 3; 0: always --prefill-chunk tokens)", type=float,
+        1.0, "--prefill-budget", "while streams decode, each step prefills for at most this many times its decode "
+        "time (measured as the engine runs; default 1; 0: always --prefill-chunk tokens)", type=float,
         valid=(lambda v: 0 <= v < math.inf, "must be a number >= 0"))
     prompt_cache_gb: float | None = _option(
         None, "--prompt-cache-gb", "memory for reusable prompt prefixes (KV and recurrent state); 0 turns the "

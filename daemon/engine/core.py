@@ -98,7 +98,7 @@ class EngineCore:
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 32, context: int = 4096,
                  prefill_chunk: int = 2048, prompt_cache: PromptCache | None = None, vocab_size: int | None = None,
-                 prefill_budget: float = 3.0, admission: Admission | None = None):
+                 prefill_budget: float = 1.0, admission: Admission | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.max_queue, self.context = max_queue, context
         self.eos = set(tokenizer.eos_token_ids)
