@@ -134,6 +134,13 @@ bench-big: venv
 	$(BIN)/moed make-model $(BIG) --arch qwen3_moe --preset med --size-gb 40 --skip-existing
 	$(BIN)/moed bench --model $(BIG) --out $(R)/big40.json --cold --skip-mlx-lm --cache-fractions 0.05 \
 		--sampling random --max-tokens 16
+	$(BIN)/moed trace synth --model $(BIG) --tokens 128 --out $(R)/synth-big40-trace.json
+	$(BIN)/moed bench --model $(BIG) --routing $(R)/synth-big40-trace.json --cold --cache-fractions 0.3,0.15,0.05 \
+		--lookahead off --io buffered,direct --sampling random --max-tokens 48 --skip-io --skip-mlx-lm \
+		--out $(R)/big40-page-cache-split.json
+	$(BIN)/moed bench --model $(BIG) --routing $(R)/synth-big40-trace.json --cache-fractions 0.3,0.15,0.05 \
+		--lookahead off --io buffered,direct --sampling random --max-tokens 48 --repeat 2 --skip-io --skip-mlx-lm \
+		--out $(R)/big40-page-cache-split-warm.json
 
 clean:  # keeps the committed trained demo model (its moed-pack is rebuilt)
 	rm -rf $(VENV) $(filter-out models/stdlib-qwen3_moe,$(wildcard models/*)) models/stdlib-qwen3_moe/moed-pack
