@@ -32,6 +32,7 @@ from moed.ipc.runtime import process_alive
 POLL_S = 0.2  # how often a waiting client checks the daemon is alive
 PING_AFTER_S = 0.5  # silence before the client pings
 DEAD_AFTER_S = 2.0  # silence (no answer to pings) after which the daemon is declared dead
+STREAM_QUEUE = 4096  # AsyncClient: a stream's events held for a consumer that does not read (AsyncClient._route)
 
 
 class MoedError(Exception):
@@ -249,6 +250,7 @@ class AsyncClient:
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = None
         self._queues: dict[str, asyncio.Queue] = {}  # generate's req_id -> its events
+        self._lost: dict[str, int] = {}  # req_id -> tokens dropped since its queue was full (it is aborted)
         self._welcome: asyncio.Future | None = None
         self._calls: dict[str, asyncio.Future] = {}  # status query id -> its answer
         self._call_ids = itertools.count()
@@ -286,7 +288,8 @@ class AsyncClient:
                     except ProtocolError:
                         continue
                     self._live.heard()
-                    self._route(msg)
+                    if (abort := self._route(msg)) is not None:
+                        await self._send(abort)
                 elif self._live.check():
                     await self._send(Ping(next(self._live.seq)))
         except DaemonDied as e:
@@ -297,8 +300,15 @@ class AsyncClient:
                 if fut is not None and not fut.done():
                     fut.set_exception(e)
 
-    def _route(self, msg) -> None:
-        """One incoming message to the call waiting for it (a late answer to a cancelled call is dropped)."""
+    def _route(self, msg) -> Abort | None:
+        """One incoming message to the call waiting for it (a late answer to a cancelled call is dropped).
+
+        The reader takes every message off the socket, so the daemon never sees a consumer that stops
+        reading (an HTTP client that hangs without closing): its stream is bounded here as the frontend
+        bounds a socket. A Token that finds its queue at STREAM_QUEUE is dropped and the request aborted
+        (returned, for the reader to send); its later Tokens are dropped, and its end becomes
+        Error("too_slow") after the tokens already queued, never a hole in the middle.
+        """
         rid = getattr(msg, "req_id", None)
         if rid is None:
             if isinstance(msg, (Welcome, Error)) and self._welcome and not self._welcome.done():
@@ -308,7 +318,20 @@ class AsyncClient:
             if fut is not None and not fut.done():
                 fut.set_result(msg)
         else:
-            self._queues[rid].put_nowait(msg)
+            q = self._queues[rid]
+            if rid in self._lost:
+                if isinstance(msg, Token):
+                    self._lost[rid] += 1
+                    return None
+                if isinstance(msg, Finished):
+                    msg = Error(rid, "too_slow", f"the stream was not read: {self._lost[rid]} token(s) found its "
+                                                 f"queue full ({STREAM_QUEUE} events); the request was aborted")
+                del self._lost[rid]
+            elif isinstance(msg, Token) and q.qsize() >= STREAM_QUEUE:
+                self._lost[rid] = 1
+                return Abort(rid)
+            q.put_nowait(msg)
+        return None
 
     async def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
                        max_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.0,
@@ -327,6 +350,7 @@ class AsyncClient:
                 yield msg
         finally:
             self._queues.pop(req.req_id, None)
+            self._lost.pop(req.req_id, None)
             if not done:
                 await self._send(Abort(req.req_id))
 

@@ -23,7 +23,7 @@ import zmq
 from daemon_util import CLI, env_for, status, wait_until
 from daemon_util import http_daemon as start_http_daemon
 
-from moed.client.client import AsyncClient, Client
+from moed.client.client import AsyncClient, Client, RequestRejected
 from moed.daemon.dist.lockstep import LockstepCore, RankFailed, follow
 from moed.daemon.dist.ranks import RankLink
 from moed.daemon.engine.core import EngineCore
@@ -187,6 +187,44 @@ def test_concurrent_async_status_calls_all_return(http_daemon):
     snaps, gen = asyncio.run(main())
     assert len(snaps) == 40 and all(state_of(s) == "ready" for s in snaps)
     assert isinstance(gen[-1], Finished) and gen[-1].completion_tokens == 8
+
+
+def test_an_async_stream_nobody_reads_is_aborted_and_ends_too_slow(http_daemon, monkeypatch):
+    """The AsyncClient takes every message off its socket, so the daemon never sees a consumer that
+    stops reading (an HTTP client that hangs without closing): the client bounds each stream itself,
+    aborts the request and ends the stream with the reason, after the tokens it kept, in order."""
+    from moed.client import client as client_module
+
+    monkeypatch.setattr(client_module, "STREAM_QUEUE", 8)
+
+    async def main():
+        c = await AsyncClient(str(http_daemon["runtime"])).connect()
+        try:
+            aborted = plain(await c.status())["totals"]["aborted"]
+            unread = c.generate(PROMPT, max_tokens=5000, req_id="unread")
+            first = await unread.__anext__()
+            other = [ev async for ev in c.generate(PROMPT, max_tokens=48)]  # the same connection, served
+            deadline = time.monotonic() + 60
+            while True:  # the daemon is told: the request is aborted, not run to its 5000 tokens
+                snap = plain(await c.status())
+                if snap["totals"]["aborted"] > aborted and not [r for r in snap["requests"]
+                                                                 if r["id"].endswith(":unread")]:
+                    break
+                assert time.monotonic() < deadline, snap["requests"]
+                await asyncio.sleep(0.1)
+            kept = []
+            with pytest.raises(RequestRejected) as end:
+                async for ev in unread:
+                    kept.append(ev)
+            return first, kept, other, end.value
+        finally:
+            await c.close()
+
+    first, kept, other, end = asyncio.run(main())
+    assert isinstance(other[-1], Finished) and other[-1].completion_tokens == 48
+    assert end.code == "too_slow" and "aborted" in end.reason, end
+    assert all(isinstance(t, Token) for t in kept) and len(kept) == 8  # what the queue held, then the reason
+    assert [t.index for t in [first, *kept]] == list(range(9))
 
 
 def test_http_api_makes_one_native_connection_per_event_loop(http_daemon):
