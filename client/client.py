@@ -28,6 +28,7 @@ from moed.ipc.connection import daemon_files, read_connection
 from moed.ipc.messages import (PROTOCOL_VERSION, Abort, DaemonStatus, Error, Finished, Generate, Hello, Ping, Pong,
                                Status, StatusQuery, StopDaemon, Token, Welcome)
 from moed.ipc.runtime import process_alive
+from moed.ipc.streams import CutStreams
 
 POLL_S = 0.2  # how often a waiting client checks the daemon is alive
 PING_AFTER_S = 0.5  # silence before the client pings
@@ -250,7 +251,7 @@ class AsyncClient:
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = None
         self._queues: dict[str, asyncio.Queue] = {}  # generate's req_id -> its events
-        self._lost: dict[str, int] = {}  # req_id -> tokens dropped since its queue was full (it is aborted)
+        self._cut = CutStreams(f"{STREAM_QUEUE} events")  # streams aborted: their consumer did not read
         self._welcome: asyncio.Future | None = None
         self._calls: dict[str, asyncio.Future] = {}  # status query id -> its answer
         self._call_ids = itertools.count()
@@ -305,9 +306,8 @@ class AsyncClient:
 
         The reader takes every message off the socket, so the daemon never sees a consumer that stops
         reading (an HTTP client that hangs without closing): its stream is bounded here as the frontend
-        bounds a socket. A Token that finds its queue at STREAM_QUEUE is dropped and the request aborted
-        (returned, for the reader to send); its later Tokens are dropped, and its end becomes
-        Error("too_slow") after the tokens already queued, never a hole in the middle.
+        bounds a socket (ipc/streams.py): a Token that finds its queue at STREAM_QUEUE cuts the stream,
+        and the request's Abort is returned for the reader to send.
         """
         rid = getattr(msg, "req_id", None)
         if rid is None:
@@ -319,18 +319,11 @@ class AsyncClient:
                 fut.set_result(msg)
         else:
             q = self._queues[rid]
-            if rid in self._lost:
-                if isinstance(msg, Token):
-                    self._lost[rid] += 1
-                    return None
-                if isinstance(msg, Finished):
-                    msg = Error(rid, "too_slow", f"the stream was not read: {self._lost[rid]} token(s) found its "
-                                                 f"queue full ({STREAM_QUEUE} events); the request was aborted")
-                del self._lost[rid]
-            elif isinstance(msg, Token) and q.qsize() >= STREAM_QUEUE:
-                self._lost[rid] = 1
+            if isinstance(msg, Token) and rid not in self._cut and q.qsize() >= STREAM_QUEUE:
+                self._cut.cut(rid)
                 return Abort(rid)
-            q.put_nowait(msg)
+            if (msg := self._cut.settle(msg)) is not None:
+                q.put_nowait(msg)
         return None
 
     async def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
@@ -350,7 +343,7 @@ class AsyncClient:
                 yield msg
         finally:
             self._queues.pop(req.req_id, None)
-            self._lost.pop(req.req_id, None)
+            self._cut.forget(req.req_id)
             if not done:
                 await self._send(Abort(req.req_id))
 

@@ -45,6 +45,7 @@ from moed.ipc.codec import ProtocolError, decode, encode
 from moed.ipc.messages import (Abort, DaemonStatus, Error, Finished, Generate, Hello, Ping, Pong, Status,
                                StatusQuery, StopDaemon, Token, Welcome)
 from moed.ipc.runtime import process_alive, restrict_socket
+from moed.ipc.streams import CutStreams
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class Frontend:
         self._out: queue.SimpleQueue = queue.SimpleQueue()  # from send(), for the I/O thread
         self.client_queue = CLIENT_QUEUE
         self._queued: dict[bytes, deque] = {}  # client -> encoded messages its full socket did not take
-        self._lost: dict[bytes, dict[str, int]] = {}  # client -> req_id -> tokens not sent (aborted)
+        self._lost: dict[bytes, CutStreams] = {}  # client -> its requests aborted for want of room
         self._buckets: dict[bytes, Bucket] = {}  # peer -> its message rate
         self._fd: dict[bytes, int] = {}  # peer -> the descriptor of its connection (SRCFD)
         self._peers: dict[int, set[bytes]] = {}  # descriptor -> peers seen on it
@@ -251,8 +252,12 @@ class Frontend:
 
     def _emit(self, client: bytes, msg) -> None:
         """Send to a client now, or queue it behind what the client has not taken yet."""
-        if self._lost.get(client) and (msg := self._settle(client, msg)) is None:
-            return
+        if (cut := self._lost.get(client)) is not None:
+            msg = cut.settle(msg)
+            if not cut:
+                del self._lost[client]
+            if msg is None:
+                return
         q = self._queued.get(client)
         if q is None:
             if self._send(client, encode(msg)) or client not in self.clients:
@@ -260,27 +265,11 @@ class Frontend:
             q = self._queued[client] = deque()
         self._enqueue(client, q, msg)
 
-    def _settle(self, client: bytes, msg):
-        """A message of a request being aborted for want of room: a later Token is dropped (it would
-        leave a hole), the end of the stream becomes Error("too_slow")."""
-        lost, rid = self._lost[client], getattr(msg, "req_id", None)
-        if rid not in lost:
-            return msg
-        if isinstance(msg, Token):
-            lost[rid] += 1
-            return None
-        if isinstance(msg, (Finished, Error)):
-            n = lost.pop(rid)
-            if not lost:
-                del self._lost[client]
-            if isinstance(msg, Finished):
-                return Error(rid, "too_slow", f"the client did not read its stream: {n} token(s) found its "
-                                              f"queue full ({self.client_queue} messages); the request was aborted")
-        return msg
-
     def _enqueue(self, client: bytes, q: deque, msg) -> None:
         if isinstance(msg, Token) and len(q) >= self.client_queue:
-            self._lost.setdefault(client, {})[msg.req_id] = 1
+            if client not in self._lost:
+                self._lost[client] = CutStreams(f"{self.client_queue} messages")
+            self._lost[client].cut(msg.req_id)
             self.inbox.put((client, Abort(msg.req_id)))  # the engine stops it; its Finished comes back
             return
         if len(q) >= 2 * self.client_queue:  # not even replies fit: it sends without ever reading
